@@ -1,0 +1,99 @@
+"""`first-kd` command line: one subcommand per pipeline step.
+
+Each command is a typed config dataclass plus a `run(cfg)` function in its own module; this file
+only wires them to argparse and turns user errors into one line on stderr with exit code 2.
+Modules are imported lazily so `first-kd --help` stays fast and one broken step cannot hide the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from first_kd.errors import FirstKDError
+
+# name -> (module, config class, run function, one-line description)
+COMMANDS = {
+    "cache": ("first_kd.teacher", "CacheConfig", "run_cache",
+              "run the teacher once and cache its top-k log-probs in a zarr store"),
+    "inspect": ("first_kd.store", "InspectConfig", "run_inspect",
+                "verify a store and summarise it (--json for machines)"),
+    "calibrate": ("first_kd.calibration", "CalibrateConfig", "run_calibrate",
+                  "fit the teacher temperature on a held-out store and record it"),
+    "distill": ("first_kd.train", "DistillConfig", "run_distill",
+                "train a student: FIRST / KD from a store, or plain fine-tuning (ce)"),
+    "evaluate": ("first_kd.evaluate", "EvaluateConfig", "run_evaluate",
+                 "accuracy and calibration of a model or a teacher store on a dataset"),
+    "report": ("first_kd.report", "ReportConfig", "run_report",
+               "collect evaluation runs into report.md / report.json with reliability figures"),
+    "demo": ("first_kd.demo", "DemoConfig", "run_demo",
+             "the whole FIRST pipeline on tiny models and data built locally (CPU, minutes)"),
+}
+
+
+def _quiet_libraries() -> None:
+    # transformers 5 draws its own progress bars for every save/load; ours say what matters.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # transformers missing is reported when a command needs it
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from first_kd import __version__
+    from first_kd.config import add_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="first-kd",
+        description="Calibrated top-k logit distillation of causal LMs (FIRST).",
+    )
+    parser.add_argument("--version", action="version", version=f"first-kd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, cls_name, _, desc) in COMMANDS.items():
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError):
+            continue  # a step not built yet does not break the others
+        p = sub.add_parser(name, help=desc, description=desc)
+        add_arguments(p, cls)
+    return parser
+
+
+def main(argv=None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    module, cls_name, run_name, _ = COMMANDS[args.command]
+    mod = importlib.import_module(module)
+    from first_kd.config import from_args
+
+    try:
+        cfg = from_args(getattr(mod, cls_name), args, section=args.command)
+        result = getattr(mod, run_name)(cfg)
+    except FirstKDError as e:
+        print(f"first-kd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"first-kd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Typed run configs: dataclass fields are the options, their `help` metadata is the CLI help.
+
+Every command's options come from one dataclass. Values are merged in this order, later winning:
+dataclass defaults < `--config FILE.yaml` < `key=value` overrides < `--flag value`.
+
+A YAML file may hold one mapping of options, or one section per command (`cache:`, `distill:` ...)
+so a single recipe file can drive a whole pipeline; a command reads its own section when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+
+from first_kd.errors import FirstKDError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kwargs):
+    """A config field. `help` is shown by `--help`; `positional=True` makes it a bare CLI argument."""
+    metadata = {"help": help, "positional": positional}
+    if default is dataclasses.MISSING and "default_factory" not in kwargs:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _unwrap_optional(tp):
+    """Optional[X] -> (X, True); X -> (X, False)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp) -> Any:
+    """Convert a YAML / CLI value to the field's type, or raise a one-line FirstKDError."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise FirstKDError(f"option '{name}' needs a value")
+    origin = get_origin(base)
+    if origin is Literal:
+        choices = get_args(base)
+        if isinstance(value, str) and value not in choices:
+            # YAML may have read "1" as an int where the choices are strings, and vice versa.
+            pass
+        if value not in choices and str(value) not in [str(c) for c in choices]:
+            raise FirstKDError(f"option '{name}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return next(c for c in choices if str(c) == str(value))
+    if origin in (list, typing.List):
+        (item_tp,) = get_args(base) or (str,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(name, v, item_tp) for v in value]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise FirstKDError(f"option '{name}' must be a mapping; got {value!r}")
+        return dict(value)
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise FirstKDError(f"option '{name}' must be {base.__name__}; got {value!r}") from None
+    return value
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """Add one `--flag` (or positional) per dataclass field, plus `--config` and `key=value` overrides."""
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, _ = _unwrap_optional(types_[f.name])
+        help_text = f.metadata.get("help", "")
+        if f.default is not dataclasses.MISSING and f.default not in (None, "") and not f.metadata.get("positional"):
+            help_text += f" (default: {f.default})"
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text, nargs="?", default=argparse.SUPPRESS)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            metavar = "|".join(map(str, get_args(tp))) if get_origin(tp) is Literal else None
+            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
+    parser.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
+                        help="YAML file of options (flags and key=value given here override it)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
+                        help="option overrides, e.g. lr=1e-4 batch_size=8")
+
+
+def read_yaml(path: str, section: Optional[str]) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FirstKDError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise FirstKDError(f"config file {path}{where} is not valid YAML: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise FirstKDError(f"config file {path} must hold a mapping of options")
+    if section and isinstance(data.get(section), dict):
+        return data[section]
+    return data
+
+
+def build(cls, values: dict, source: str = "options"):
+    """Make a validated config from a dict of raw values (unknown keys are an error)."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise FirstKDError(
+            f"unknown option(s) {', '.join(unknown)} in {source}: valid options are {', '.join(types_)}"
+        )
+    kwargs = {k: _coerce(k, v, types_[k]) for k, v in values.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in kwargs]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise FirstKDError(f"missing required option(s): {flags}")
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def from_args(cls, args: argparse.Namespace, section: Optional[str] = None):
+    """Merge defaults < YAML < key=value < flags from a parsed namespace into a validated config."""
+    values: dict = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    config_path = getattr(args, "_config", None)
+    if config_path:
+        values.update(read_yaml(config_path, section))
+    positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    for item in getattr(args, "overrides", []) or []:
+        if "=" not in item:
+            # argparse sends a bare positional here when the command has one and it was consumed;
+            # otherwise the user typed something that is neither a flag nor key=value.
+            raise FirstKDError(f"unexpected argument {item!r}: options are --flag value or key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        values[key] = yaml.safe_load(raw) if raw else ""
+    for name in names:
+        if name in vars(args):
+            values[name] = getattr(args, name)
+    source = f"{config_path}" if config_path else "the command line"
+    del positional
+    return build(cls, values, source)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg, path: Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
