@@ -1,0 +1,558 @@
+"""The top-k store: one zarr v3 group holding a teacher's top-k log-probs at every target position.
+
+Layout (see cache/README.md for the full description):
+
+    seq_offsets      int64   [n_sequences + 1]  sequence i's tokens are input_ids[seq_offsets[i]:seq_offsets[i+1]]
+    input_ids        uint    [n_tokens]
+    pos_offsets      int64   [n_sequences + 1]  sequence i's positions are rows pos_offsets[i]:pos_offsets[i+1]
+    target_positions uint    [n_positions]      index t in the sequence whose logits predict input_ids[t + 1]
+    topk_ids         uint    [n_positions, k]   ids by decreasing teacher probability
+    topk_logprobs    float16 [n_positions, k]   full-vocabulary log-softmax at temperature 1
+    example_ids      str     [n_sequences]
+    answer_index     int16   [n_sequences]      multiple-choice only: gold option index
+    n_choices        int16   [n_sequences]      multiple-choice only
+    units_done       uint8   [n_units]          1 when the teacher rows of unit u are written (resume)
+
+The rows of the top-k arrays are cut into *units* of `chunk_positions` rows, one zarr chunk each. A unit
+is the grain of work, of resume and of multi-process splitting: each process writes whole chunks only,
+so no two processes ever touch the same chunk file, and `units_done[u]` (a chunk of its own) is set
+only after unit u's rows are on disk. `complete` is set last, after every unit is done.
+
+Temperature is not baked into the arrays: it lives in the `temperature` attribute and is applied when
+reading (first_kd.temperature), so re-calibrating never re-runs the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from first_kd.config import option
+from first_kd.errors import FirstKDError
+
+FORMAT_NAME = "first-kd-topk"
+FORMAT_VERSION = 1
+
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs")
+# Arrays written before the teacher runs (planning); the rest are filled unit by unit.
+PLAN_ARRAYS = ("seq_offsets", "input_ids", "pos_offsets", "target_positions", "example_ids")
+
+# zstd + shuffle: ids of frequent tokens share high bytes and fp16 log-probs share sign/exponent bytes;
+# crc32c makes a truncated or corrupted chunk fail loudly instead of decoding to garbage.
+_COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
+_WRITE_CONFIG = {"write_empty_chunks": True}  # every chunk exists on disk, so a missing one means damage
+
+# fp16 rounding can push the summed top-k mass a hair above 1 and a log-prob of -0.0001 to 0.
+MASS_TOLERANCE = 2e-3
+
+
+def compact_uint(max_value: int) -> str:
+    """The smallest unsigned dtype holding values 0..max_value."""
+    for dtype in ("uint8", "uint16", "uint32"):
+        if max_value <= np.iinfo(dtype).max:
+            return dtype
+    return "uint64"
+
+
+def _create(group, name, shape, chunks, dtype, fill_value):
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=_COMPRESSORS,
+        config=_WRITE_CONFIG,
+        overwrite=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer fingerprint
+# ----------------------------------------------------------------------------------------------
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token")
+
+
+def _vocab_digest(tokenizer, size: int) -> str:
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    h = hashlib.sha256()
+    for i in range(size):
+        h.update(f"{i}\t{by_id.get(i, '')}\n".encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What must match between teacher and student tokenizers: the id -> token map and special tokens.
+
+    `size` is the number of ids covered; a student may have more (padded vocabularies) as long as its
+    first `size` ids map to the same tokens.
+    """
+    size = max(tokenizer.get_vocab().values()) + 1
+    special = {name: getattr(tokenizer, name + "_id", None) for name in _SPECIAL}
+    return {"sha256": _vocab_digest(tokenizer, size), "size": size, "special_token_ids": special,
+            "class": type(tokenizer).__name__}
+
+
+def check_tokenizer(store, tokenizer, model_vocab_size: Optional[int] = None) -> None:
+    """Raise FirstKDError unless `tokenizer` (and a model with `model_vocab_size` logits) can learn from `store`."""
+    attrs = store.attrs if hasattr(store, "attrs") else store
+    expected = attrs["tokenizer"]
+    size = expected["size"]
+    got_size = max(tokenizer.get_vocab().values()) + 1
+    if got_size < size or _vocab_digest(tokenizer, size) != expected["sha256"]:
+        raise FirstKDError(
+            f"student tokenizer ({type(tokenizer).__name__}, {got_size} ids) does not match the store's "
+            f"teacher tokenizer ({expected['class']}, {size} ids): cached token ids would mean different "
+            "tokens; use a student from the teacher's tokenizer family or re-cache with a matching teacher"
+        )
+    for name, want in expected["special_token_ids"].items():
+        have = getattr(tokenizer, name + "_id", None)
+        if want is not None and have is not None and have != want:
+            raise FirstKDError(
+                f"student tokenizer's {name} id is {have} but the store's is {want}: use the teacher's "
+                "tokenizer (or one with the same special tokens) for the student"
+            )
+    if model_vocab_size is not None and model_vocab_size <= attrs["max_token_id"]:
+        raise FirstKDError(
+            f"student model has {model_vocab_size} output logits but the store holds token id "
+            f"{attrs['max_token_id']}: the student's vocabulary must cover the teacher's"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+
+def is_store(path: Path) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT_NAME
+    except Exception:
+        return False
+
+
+def remove_store(path: Path) -> None:
+    """Delete a first-kd store; refuse anything else, so --overwrite can never eat a user's folder."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_dir() and (is_store(path) or not any(path.iterdir())):
+        shutil.rmtree(path)
+        return
+    raise FirstKDError(f"{path} exists and is not a first-kd store: refusing to overwrite it; choose another --out")
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything about a pass that is known before the teacher runs."""
+
+    n_sequences: int
+    n_tokens: int
+    n_positions: int
+    k: int
+    chunk_positions: int
+
+    @property
+    def n_units(self) -> int:
+        return max(1, math.ceil(self.n_positions / self.chunk_positions))
+
+
+def create_store(path: Path, tokenized, plan: Plan, attrs: dict, vocab_size: int) -> zarr.Group:
+    """Write the planning arrays (token ids, offsets, target positions) and empty top-k arrays.
+
+    `tokenized` is a datasets.Dataset with columns id, input_ids, target_start, answer_index, n_choices.
+    Memory stays bounded: rows are streamed in blocks from the Arrow table.
+    """
+    import pyarrow.compute as pc
+
+    root = zarr.open_group(str(path), mode="w")
+    # Mark the store as ours but unfinished before anything else, so an interrupted planning is
+    # recognised (and redone) rather than mistaken for a foreign folder.
+    root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "stage": "planning",
+                       "complete": False})
+    n_seq, n_tok, n_pos = plan.n_sequences, plan.n_tokens, plan.n_positions
+    seq_chunk = 1 << 16
+    id_dtype = compact_uint(max(vocab_size, attrs["tokenizer"]["size"]) - 1)
+    pos_dtype = compact_uint(max(attrs["max_length"], 1))
+
+    seq_offsets = _create(root, "seq_offsets", (n_seq + 1,), (seq_chunk,), "int64", -1)
+    pos_offsets = _create(root, "pos_offsets", (n_seq + 1,), (seq_chunk,), "int64", -1)
+    input_ids = _create(root, "input_ids", (max(n_tok, 1),), (1 << 18,), id_dtype, np.iinfo(id_dtype).max)
+    target_positions = _create(root, "target_positions", (max(n_pos, 1),), (1 << 18,), pos_dtype,
+                               np.iinfo(pos_dtype).max)
+    example_ids = root.create_array("example_ids", shape=(n_seq,), chunks=(seq_chunk,), dtype=str,
+                                    compressors=_COMPRESSORS, config=_WRITE_CONFIG, overwrite=True)
+    is_mcqa = attrs["data"]["format"] == "mcqa"
+    if is_mcqa:
+        answer_index = _create(root, "answer_index", (n_seq,), (seq_chunk,), "int16", -1)
+        n_choices = _create(root, "n_choices", (n_seq,), (seq_chunk,), "int16", -1)
+    rows = (plan.chunk_positions, plan.k)
+    _create(root, "topk_ids", (max(n_pos, 1), plan.k), rows, id_dtype, np.iinfo(id_dtype).max)
+    _create(root, "topk_logprobs", (max(n_pos, 1), plan.k), rows, "float16", float("nan"))
+    _create(root, "units_done", (plan.n_units,), (1,), "uint8", 0)
+
+    # Stream sequences in blocks; offsets are computed from lengths so no Python loop per token.
+    tok_at, pos_at, seq_at = 0, 0, 0
+    seq_offsets[0:1] = [0]
+    pos_offsets[0:1] = [0]
+    table = tokenized.data
+    block = 1 << 14
+    for start in range(0, n_seq, block):
+        part = table.slice(start, block)
+        ids_col = part.column("input_ids").combine_chunks()
+        lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False)
+        starts = part.column("target_start").to_numpy().astype(np.int64)
+        n_targets = lengths - starts
+        m = len(lengths)
+        seq_offsets[seq_at + 1: seq_at + 1 + m] = tok_at + np.cumsum(lengths)
+        pos_offsets[seq_at + 1: seq_at + 1 + m] = pos_at + np.cumsum(n_targets)
+        input_ids[tok_at: tok_at + len(flat)] = flat.astype(id_dtype)
+        # positions t = target_start-1 .. len-2 predict the target tokens input_ids[t+1]
+        first_pos = np.repeat(starts - 1, n_targets)
+        within = np.arange(int(n_targets.sum())) - np.repeat(np.cumsum(n_targets) - n_targets, n_targets)
+        target_positions[pos_at: pos_at + len(within)] = (first_pos + within).astype(pos_dtype)
+        example_ids[seq_at: seq_at + m] = np.array([str(x) for x in part.column("id").to_pylist()], dtype=object)
+        if is_mcqa:
+            answer_index[seq_at: seq_at + m] = part.column("answer_index").to_numpy().astype(np.int16)
+            n_choices[seq_at: seq_at + m] = part.column("n_choices").to_numpy().astype(np.int16)
+        tok_at += len(flat)
+        pos_at += int(n_targets.sum())
+        seq_at += m
+    attrs = dict(attrs, stage="planned", complete=False, format=FORMAT_NAME, format_version=FORMAT_VERSION,
+                 k=plan.k, chunk_positions=plan.chunk_positions, n_units=plan.n_units, vocab_size=vocab_size,
+                 counts={"n_sequences": n_seq, "n_tokens": n_tok, "n_positions": n_pos}, temperature={})
+    root.attrs.update(attrs)
+    return root
+
+
+def unit_rows(group: zarr.Group, unit: int) -> tuple[int, int]:
+    cp = group.attrs["chunk_positions"]
+    n_pos = group.attrs["counts"]["n_positions"]
+    return unit * cp, min((unit + 1) * cp, n_pos)
+
+
+def pending_units(group: zarr.Group) -> list[int]:
+    """Units whose rows are not known to be on disk (a torn marker chunk counts as not done)."""
+    done = group["units_done"]
+    pending = []
+    for u in range(done.shape[0]):
+        try:
+            ok = bool(done[u])
+        except Exception:
+            ok = False
+        if not ok:
+            pending.append(u)
+    return pending
+
+
+def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> None:
+    """Write one unit's rows, then mark it done (the order is what makes resume safe)."""
+    lo, hi = unit_rows(group, unit)
+    if topk_ids.shape[0] != hi - lo:
+        raise RuntimeError(f"unit {unit}: expected {hi - lo} rows, got {topk_ids.shape[0]}")
+    if hi > lo:
+        group["topk_ids"][lo:hi] = topk_ids.astype(group["topk_ids"].dtype)
+        group["topk_logprobs"][lo:hi] = np.minimum(topk_logprobs, 0.0).astype(np.float16)
+    group["units_done"][unit] = 1
+
+
+def mark_complete(group: zarr.Group, extra: dict) -> None:
+    group.attrs.update(dict(extra, stage="complete", complete=True))
+
+
+def set_temperature(path, record: dict) -> None:
+    """Replace the store's temperature record (calibration writes here; the arrays are untouched)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["temperature"] = dict(record)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+def _resume_hint(path) -> str:
+    return f"re-run the same `first-kd cache ... --out {path}` command to resume it"
+
+
+class _ChunkedReader:
+    """Random access to a zarr array with the decoded chunks kept in a small LRU cache."""
+
+    def __init__(self, array, max_chunks: int = 16):
+        self.array = array
+        self.chunk = array.chunks[0]
+        self._get = lru_cache(maxsize=max_chunks)(self._load)
+
+    def _load(self, c: int) -> np.ndarray:
+        return self.array[c * self.chunk: (c + 1) * self.chunk]
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        lo, hi = sl.start, sl.stop
+        if hi <= lo:
+            return self.array[lo:lo]
+        first, last = lo // self.chunk, (hi - 1) // self.chunk
+        parts = [self._get(c) for c in range(first, last + 1)]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        off = first * self.chunk
+        return data[lo - off: hi - off]
+
+
+class TopKStore:
+    """Read-only view of a complete store. `store[i]` is sequence i (see `get`)."""
+
+    def __init__(self, path, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        self.attrs = dict(group.attrs)
+        self.k = int(self.attrs["k"])
+        self.vocab_size = int(self.attrs["vocab_size"])
+        self._seq_offsets = group["seq_offsets"][:]
+        self._pos_offsets = group["pos_offsets"][:]
+        self._readers = {name: _ChunkedReader(group[name]) for name in
+                         ("input_ids", "target_positions", "topk_ids", "topk_logprobs")}
+        self._ids = None
+        self._mcqa = {name: group[name][:] for name in ("answer_index", "n_choices") if name in group}
+
+    @property
+    def temperature(self) -> dict:
+        return dict(self.attrs.get("temperature") or {})
+
+    @property
+    def n_positions(self) -> int:
+        return int(self._pos_offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self._seq_offsets) - 1
+
+    def example_id(self, i: int) -> str:
+        if self._ids is None:
+            self._ids = self.group["example_ids"][:]
+        return str(self._ids[i])
+
+    def get(self, i: int, temperature: bool = True, other_bucket: bool = False) -> dict:
+        """Sequence i: input_ids [L], target_positions [n], topk_ids [n, k], topk_logprobs [n, k] and
+        teacher_probs [n, k] (or [n, k+1] with other_bucket) after the recorded temperature."""
+        import torch
+
+        from first_kd.temperature import distribution_from_record
+
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        t0, t1 = int(self._seq_offsets[i]), int(self._seq_offsets[i + 1])
+        p0, p1 = int(self._pos_offsets[i]), int(self._pos_offsets[i + 1])
+        try:
+            logprobs = self._readers["topk_logprobs"][slice(p0, p1)].astype(np.float32)
+            record = {
+                "id": self.example_id(i),
+                "input_ids": self._readers["input_ids"][slice(t0, t1)].astype(np.int64),
+                "target_positions": self._readers["target_positions"][slice(p0, p1)].astype(np.int64),
+                "topk_ids": self._readers["topk_ids"][slice(p0, p1)].astype(np.int64),
+                "topk_logprobs": logprobs,
+            }
+        except Exception as e:  # a torn chunk fails its checksum here
+            raise FirstKDError(f"store {self.path} is damaged ({type(e).__name__}: {e}); run `first-kd inspect "
+                               f"{self.path}` and re-create it with `first-kd cache ... --overwrite`") from None
+        record["teacher_probs"] = distribution_from_record(
+            torch.from_numpy(logprobs), self.temperature if temperature else None, other_bucket
+        ).numpy()
+        for name, values in self._mcqa.items():
+            record[name] = int(values[i])
+        return record
+
+    __getitem__ = get
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self.get(i)
+
+
+def open_store(path, require_complete: bool = True) -> TopKStore:
+    """Open a store for reading; one-line FirstKDError when it is missing, foreign, incomplete or damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise FirstKDError(f"store not found: {path} (create it with `first-kd cache --out {path}`)")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception:
+        raise FirstKDError(f"{path} is not a readable zarr store: check the path") from None
+    if attrs.get("format") != FORMAT_NAME:
+        raise FirstKDError(f"{path} is not a first-kd top-k store (no '{FORMAT_NAME}' format attribute)")
+    if attrs.get("format_version", 0) > FORMAT_VERSION:
+        raise FirstKDError(f"{path} uses store format {attrs['format_version']}, newer than this first-kd "
+                           f"({FORMAT_VERSION}): upgrade first-kd")
+    if require_complete and not attrs.get("complete"):
+        raise FirstKDError(f"store {path} is incomplete (the teacher pass did not finish): {_resume_hint(path)}")
+    if require_complete:
+        missing = _missing_chunks(group)
+        if missing:
+            raise FirstKDError(f"store {path} is damaged ({missing}): re-create it with `first-kd cache ... --overwrite`")
+    return TopKStore(path, group)
+
+
+def _missing_chunks(group: zarr.Group) -> str:
+    for name, arr in group.arrays():
+        if arr.nchunks_initialized != arr.nchunks:
+            return f"array {name} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification and `first-kd inspect`
+# ----------------------------------------------------------------------------------------------
+
+def bytes_on_disk(path: Path, prefix: str = "") -> int:
+    root = Path(path) / prefix if prefix else Path(path)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+class DamagedStore(Exception):
+    pass
+
+
+def verify(path) -> dict:
+    """Check every invariant of a store, reading it chunk by chunk; return the summary dict.
+
+    Raises DamagedStore (with the first problem found) when the store is inconsistent.
+    """
+    path = Path(path)
+    store = open_store(path, require_complete=False)
+    group, attrs = store.group, store.attrs
+    counts = attrs["counts"]
+    n_seq, n_tok, n_pos, k = counts["n_sequences"], counts["n_tokens"], counts["n_positions"], attrs["k"]
+    vocab = attrs["vocab_size"]
+    complete = bool(attrs.get("complete"))
+
+    def fail(msg):
+        raise DamagedStore(msg)
+
+    missing = _missing_chunks(group)
+    if missing and complete:
+        fail(missing)
+    seq_off, pos_off = store._seq_offsets, store._pos_offsets
+    if len(seq_off) != n_seq + 1 or seq_off[0] != 0 or seq_off[-1] != n_tok or np.any(np.diff(seq_off) < 1):
+        fail("seq_offsets are not increasing from 0 to n_tokens")
+    if len(pos_off) != n_seq + 1 or pos_off[0] != 0 or pos_off[-1] != n_pos or np.any(np.diff(pos_off) < 1):
+        fail("pos_offsets are not increasing from 0 to n_positions (every sequence needs a target)")
+    if group["topk_ids"].shape != (max(n_pos, 1), k) or group["topk_logprobs"].shape != (max(n_pos, 1), k):
+        fail("top-k arrays do not have shape [n_positions, k]")
+
+    # Per-position sequence lengths, to check that every target position lies inside its sequence.
+    lengths = np.diff(seq_off)
+    seq_len_per_pos = np.repeat(lengths, np.diff(pos_off))
+    chunk = group["topk_ids"].chunks[0]
+    masses = np.empty(n_pos, dtype=np.float32) if complete else None
+    try:
+        for lo in range(0, n_tok, 1 << 20):
+            ids = group["input_ids"][lo: lo + (1 << 20)]
+            if ids.size and int(ids.max()) >= vocab:
+                fail(f"input_ids hold an id >= vocab_size {vocab}")
+        for lo in range(0, n_pos, chunk):
+            hi = min(lo + chunk, n_pos)
+            tp = group["target_positions"][lo:hi].astype(np.int64)
+            if np.any(tp + 1 >= seq_len_per_pos[lo:hi]):
+                fail(f"target_positions rows {lo}..{hi} point outside their sequences")
+            if not complete:
+                continue
+            ids = group["topk_ids"][lo:hi]
+            lp = group["topk_logprobs"][lo:hi].astype(np.float32)
+            if int(ids.max()) >= vocab:
+                fail(f"topk_ids rows {lo}..{hi} hold an id >= vocab_size {vocab}")
+            if not np.all(np.isfinite(lp)):
+                fail(f"topk_logprobs rows {lo}..{hi} are not all finite")
+            if np.any(lp > 0):
+                fail(f"topk_logprobs rows {lo}..{hi} hold log-probs > 0")
+            if np.any(np.diff(lp, axis=1) > 0):
+                fail(f"topk_logprobs rows {lo}..{hi} are not in decreasing order")
+            mass = np.exp(lp).sum(axis=1)
+            if np.any(mass > 1 + MASS_TOLERANCE):
+                fail(f"top-k mass above 1 in rows {lo}..{hi}")
+            masses[lo:hi] = mass
+    except DamagedStore:
+        raise
+    except Exception as e:  # checksum failures of torn chunks land here
+        fail(f"{type(e).__name__}: {e}")
+
+    disk = bytes_on_disk(path)
+    topk_disk = sum(bytes_on_disk(path, name) for name in TOPK_ARRAYS)
+    return {
+        "path": str(path),
+        "complete": complete,
+        "format_version": attrs.get("format_version"),
+        "n_sequences": n_seq,
+        "n_tokens": n_tok,
+        "n_positions": n_pos,
+        "k": k,
+        "vocab_size": vocab,
+        "bytes_on_disk": disk,
+        # the top-k payload per position (what caching costs per target); the total also counts the
+        # prompts, which dominate for multiple-choice data with one target per sequence.
+        "bytes_per_position": topk_disk / max(n_pos, 1),
+        "bytes_per_position_total": disk / max(n_pos, 1),
+        "mean_topk_mass": float(masses.mean()) if complete and n_pos else None,
+        "topk_mass_p10": float(np.percentile(masses, 10)) if complete and n_pos else None,
+        "temperature": store.temperature,
+        "teacher": attrs.get("teacher"),
+        "data": attrs.get("data"),
+        "max_length": attrs.get("max_length"),
+        "units_done": int(attrs["n_units"]) - len(pending_units(group)),
+        "n_units": int(attrs["n_units"]),
+    }
+
+
+@dataclasses.dataclass
+class InspectConfig:
+    store: str = option(help="path of the store to verify", positional=True)
+    json: bool = option(False, help="print machine-readable JSON instead of the human summary")
+
+    def validate(self):
+        if not self.store:
+            raise FirstKDError("give the store path: first-kd inspect STORE")
+
+
+def _human(summary: dict) -> str:
+    t = summary["temperature"]
+    temp = f"{t['form']} {t['value']:.4g} (ECE {t.get('ece_before', float('nan')):.4f} -> " \
+           f"{t.get('ece_after', float('nan')):.4f})" if t else "none (run first-kd calibrate)"
+    teacher = summary.get("teacher") or {}
+    lines = [
+        f"store      {summary['path']}",
+        f"status     {'complete' if summary['complete'] else 'INCOMPLETE'} "
+        f"({summary['units_done']}/{summary['n_units']} units written)",
+        f"teacher    {teacher.get('name')} (dtype {teacher.get('dtype')})",
+        f"data       {summary['n_sequences']:,} sequences, {summary['n_tokens']:,} tokens, "
+        f"{summary['n_positions']:,} target positions ({(summary.get('data') or {}).get('format')})",
+        f"top-k      k={summary['k']}, vocab {summary['vocab_size']:,}",
+        f"disk       {summary['bytes_on_disk'] / 1e6:.2f} MB; {summary['bytes_per_position']:.2f} bytes/position "
+        f"(top-k), {summary['bytes_per_position_total']:.2f} with inputs",
+    ]
+    if summary["mean_topk_mass"] is not None:
+        lines.append(f"mass       mean top-{summary['k']} mass {summary['mean_topk_mass']:.4f}, "
+                     f"p10 {summary['topk_mass_p10']:.4f}")
+    lines.append(f"temperature {temp}")
+    return "\n".join(lines)
+
+
+def run_inspect(cfg: InspectConfig) -> int:
+    try:
+        summary = verify(cfg.store)
+    except DamagedStore as e:
+        if cfg.json:
+            print(json.dumps({"path": cfg.store, "damaged": str(e), "complete": False}))
+        raise FirstKDError(f"store {cfg.store} is damaged: {e}; re-create it with `first-kd cache ... --overwrite`")
+    print(json.dumps(summary) if cfg.json else _human(summary))
+    if not summary["complete"]:
+        print(f"first-kd inspect: store {cfg.store} is incomplete: {_resume_hint(cfg.store)}", file=sys.stderr)
+        return 1
+    return 0
