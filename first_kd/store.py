@@ -257,7 +257,8 @@ def pending_units(group: zarr.Group) -> list[int]:
     return pending
 
 
-def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray) -> None:
+def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+               crash_hook=None) -> None:
     """Write one unit's rows, then mark it done (the order is what makes resume safe)."""
     lo, hi = unit_rows(group, unit)
     if topk_ids.shape[0] != hi - lo:
@@ -265,6 +266,8 @@ def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs
     if hi > lo:
         group["topk_ids"][lo:hi] = topk_ids.astype(group["topk_ids"].dtype)
         group["topk_logprobs"][lo:hi] = np.minimum(topk_logprobs, 0.0).astype(np.float16)
+    if crash_hook:
+        crash_hook(f"unit-rows:{unit}")
     group["units_done"][unit] = 1
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,6 +27,7 @@ from first_kd import store as topk_store
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
+from first_kd.models import load_model, load_tokenizer, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -53,38 +56,11 @@ class CacheConfig(DataConfig):
             raise FirstKDError("--batch-size and --chunk-positions must be >= 1")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def load_tokenizer(name_or_path: str, revision=None, trust_remote_code=False):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise FirstKDError(f"cannot load a tokenizer from {name_or_path!r} ({type(e).__name__}): check the path "
-                           "or hub id (hub ids need a network)") from None
-    if tok.pad_token_id is None:
-        # Right padding is masked out, so any id works; eos is the conventional choice.
-        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-    return tok
-
-
-def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, trust_remote_code=False):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise FirstKDError(f"cannot load a causal LM from {name_or_path!r} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}): check the path or hub id") from None
-    return model.to(device).eval()
+def _crash_point(name: str) -> None:
+    """Testing hook: FIRST_KD_CRASH_AT=name makes the process SIGKILL itself here, so tests can kill a
+    pass at exact points (after planning, between a unit's rows and its done-marker, ...)."""
+    if os.environ.get("FIRST_KD_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head_chunk: int = 4096):
@@ -222,8 +198,16 @@ def run_cache(cfg: CacheConfig) -> int:
 
     import zarr
 
-    state = PartialState()
+    # cpu=True lets a CPU-only launch of several processes use gloo instead of looking for GPUs.
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
+    if Path(cfg.out).exists() and not cfg.overwrite and topk_store.is_store(Path(cfg.out)):
+        import zarr as _zarr
+
+        if _zarr.open_group(cfg.out, mode="r").attrs.get("complete"):
+            # Say so before loading a possibly huge teacher.
+            raise FirstKDError(f"store {cfg.out} is already complete: pass --overwrite to replace it "
+                               "(or choose another --out)")
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)
@@ -241,6 +225,7 @@ def run_cache(cfg: CacheConfig) -> int:
         error = _broadcast_error(error)
     if error:
         raise error
+    _crash_point("planned")
 
     group = zarr.open_group(cfg.out, mode="r+")
     seq_offsets = group["seq_offsets"][:]
@@ -283,12 +268,15 @@ def run_cache(cfg: CacheConfig) -> int:
                 tokens_seen += int(mask.sum())
                 bar.update(len(where))
                 bar.set_postfix(tok_s=f"{tokens_seen / (time.perf_counter() - started):,.0f}")
-            topk_store.write_unit(group, unit, unit_ids, unit_lp)
+            _crash_point(f"unit-computed:{unit}")
+            topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=_crash_point)
+            _crash_point(f"unit-done:{unit}")
     bar.close()
 
     if state.num_processes > 1:
         state.wait_for_everyone()
     if state.is_main_process:
+        _crash_point("before-complete")
         still = topk_store.pending_units(group)
         if still:
             raise FirstKDError(f"{len(still)} unit(s) of {cfg.out} were not written (a process failed?): re-run "

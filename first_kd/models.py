@@ -1,0 +1,41 @@
+"""Loading causal LMs and tokenizers by hub id or local path, with one-line errors."""
+
+from __future__ import annotations
+
+import torch
+
+from first_kd.errors import FirstKDError
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(name_or_path: str, revision=None, trust_remote_code=False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise FirstKDError(f"cannot load a tokenizer from {name_or_path!r} ({type(e).__name__}): check the path "
+                           "or hub id (hub ids need a network)") from None
+    if tok.pad_token_id is None:
+        # Right padding is masked out, so any id works; eos is the conventional choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise FirstKDError(f"cannot load a causal LM from {name_or_path!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]}): check the path or hub id") from None
+    return model.to(device).eval()
