@@ -1,0 +1,179 @@
+"""Reliability diagrams: per-bin accuracy against confidence, with the confidence histogram beneath.
+
+Input is the bins table of `first_kd.metrics.calibration_bins` (or `CalibrationAccumulator.bins()`),
+as numpy arrays or as the JSON lists of `metrics.bins_to_json`. Each panel is two axes sharing x:
+
+  * top: blue bars of accuracy per bin, red hatched bars for the gap between accuracy and the
+    bin's mean confidence (above the blue bar when over-confident, inside it when under-confident),
+    and the dashed diagonal of perfect calibration;
+  * bottom: how many samples fall in each bin, with dashed lines at the overall accuracy and mean
+    confidence (their distance is the over/under-confidence of the model as a whole).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never needs a display, safe on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from first_kd import metrics  # noqa: E402
+
+ACCURACY_COLOR = "#4C72B0"
+GAP_COLOR = "#C44E52"
+HIST_COLOR = "#8C8C8C"
+
+
+def _as_table(bins: Any) -> dict:
+    """numpy bins table from numpy arrays or JSON lists; rejects anything else with a clear message."""
+    if not isinstance(bins, dict) or any(k not in bins for k in metrics.BIN_KEYS):
+        raise ValueError(f"expected a bins table with keys {list(metrics.BIN_KEYS)} (see metrics.calibration_bins)")
+    if any(isinstance(bins[k], (list, tuple)) for k in metrics.BIN_KEYS):
+        return metrics.bins_from_json(bins)
+    return {k: np.asarray(bins[k]) for k in metrics.BIN_KEYS}
+
+
+def _overall(table: dict) -> tuple[float, float]:
+    """(accuracy, mean confidence) of all samples, recovered from the per-bin means and counts."""
+    count = table["count"].astype(float)
+    nonempty = count > 0
+    total = count.sum()
+    acc = float(np.sum(count[nonempty] * table["accuracy"][nonempty]) / total)
+    conf = float(np.sum(count[nonempty] * table["mean_confidence"][nonempty]) / total)
+    return acc, conf
+
+
+def _new_panel_axes(n_panels: int, panel_size=(4.2, 4.8)):
+    fig = plt.figure(figsize=(panel_size[0] * n_panels, panel_size[1]), layout="constrained")
+    grid = fig.add_gridspec(2, n_panels, height_ratios=(3, 1))
+    ax_bars, ax_hist = [], []
+    for i in range(n_panels):
+        share_bars = ax_bars[0] if ax_bars else None
+        bars = fig.add_subplot(grid[0, i], sharex=share_bars, sharey=share_bars)
+        hist = fig.add_subplot(grid[1, i], sharex=bars, sharey=ax_hist[0] if ax_hist else None)
+        ax_bars.append(bars)
+        ax_hist.append(hist)
+    return fig, ax_bars, ax_hist
+
+
+def reliability_diagram(
+    bins_table: Any,
+    title: str,
+    ax_bars=None,
+    ax_hist=None,
+    ece: Optional[float] = None,
+    accuracy: Optional[float] = None,
+    legend: bool = True,
+):
+    """Draw one reliability diagram; returns the matplotlib Figure.
+
+    Args:
+        bins_table: {"lower","upper","count","mean_confidence","accuracy"} per bin.
+        title: panel title; ECE and accuracy are appended on a second line.
+        ax_bars, ax_hist: axes to draw into (both or neither); a new figure when None.
+        ece, accuracy: shown in the title; computed from the table when None (exact for ECE, since
+            the table holds the per-bin means and counts).
+        legend: draw the legend on the bars axis.
+    """
+    table = _as_table(bins_table)
+    if (ax_bars is None) != (ax_hist is None):
+        raise ValueError("pass both ax_bars and ax_hist, or neither")
+    if table["count"].sum() <= 0:
+        raise ValueError("the bins table holds no samples: nothing to plot")
+    if ax_bars is None:
+        _, (ax_bars,), (ax_hist,) = _new_panel_axes(1)
+    overall_acc, overall_conf = _overall(table)
+    ece = metrics.ece_from_bins(table) if ece is None else float(ece)
+    accuracy = overall_acc if accuracy is None else float(accuracy)
+
+    lower, upper = table["lower"], table["upper"]
+    width = upper - lower
+    nonempty = table["count"] > 0
+    acc = np.where(nonempty, table["accuracy"], 0.0)
+    conf = np.where(nonempty, table["mean_confidence"], 0.0)
+
+    ax_bars.bar(lower[nonempty], acc[nonempty], width=width[nonempty], align="edge",
+                color=ACCURACY_COLOR, edgecolor="black", linewidth=0.6, label="Accuracy", zorder=2)
+    gap_bottom = np.minimum(acc, conf)
+    gap_height = np.abs(conf - acc)
+    ax_bars.bar(lower[nonempty], gap_height[nonempty], bottom=gap_bottom[nonempty], width=width[nonempty],
+                align="edge", color=GAP_COLOR, alpha=0.35, edgecolor=GAP_COLOR, hatch="//",
+                linewidth=0.6, label="Gap to mean confidence", zorder=3)
+    ax_bars.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1.0, label="Perfect calibration", zorder=4)
+    ax_bars.set_xlim(0, 1)
+    ax_bars.set_ylim(0, 1)
+    ax_bars.set_ylabel("Accuracy")
+    ax_bars.set_aspect("auto")
+    ax_bars.grid(True, linestyle=":", linewidth=0.5, zorder=0)
+    ax_bars.tick_params(labelbottom=False)
+    ax_bars.set_title(f"{title}\nECE = {ece:.3f}   accuracy = {accuracy:.3f}", fontsize=10)
+    if legend:
+        ax_bars.legend(loc="upper left", fontsize=8, framealpha=0.9)
+
+    ax_hist.bar(lower, table["count"], width=width, align="edge", color=HIST_COLOR, edgecolor="black",
+                linewidth=0.6, zorder=2)
+    ax_hist.axvline(overall_acc, color=ACCURACY_COLOR, linestyle="--", linewidth=1.2, label=f"accuracy {overall_acc:.2f}")
+    ax_hist.axvline(overall_conf, color=GAP_COLOR, linestyle="--", linewidth=1.2, label=f"mean conf. {overall_conf:.2f}")
+    ax_hist.set_xlim(0, 1)
+    ax_hist.set_xlabel("Confidence")
+    ax_hist.set_ylabel("Count")
+    ax_hist.grid(True, axis="y", linestyle=":", linewidth=0.5, zorder=0)
+    if legend:
+        ax_hist.legend(loc="upper left", fontsize=7, framealpha=0.9)
+    return ax_bars.figure
+
+
+def _split(summary_or_bins: Any) -> tuple[dict, Optional[dict]]:
+    """(bins table, summary or None) from a bins table or a mapping holding one under "bins"."""
+    if isinstance(summary_or_bins, dict) and "bins" in summary_or_bins:
+        return summary_or_bins["bins"], summary_or_bins
+    return summary_or_bins, None
+
+
+def reliability_figure(panels: Sequence[tuple[str, Any, Optional[dict]]]):
+    """Side-by-side reliability diagrams with shared axes; returns the Figure (2 axes per panel).
+
+    panels: (title, bins_table, summary or None); ECE / accuracy in the titles come from the summary
+    ("ece", "accuracy") when given, else from the table."""
+    if not panels:
+        raise ValueError("reliability_figure needs at least one panel")
+    fig, ax_bars, ax_hist = _new_panel_axes(len(panels))
+    for i, (title, table, summary) in enumerate(panels):
+        summary = summary or {}
+        reliability_diagram(table, title, ax_bars[i], ax_hist[i],
+                            ece=summary.get("ece"), accuracy=summary.get("accuracy"), legend=(i == 0))
+        if i > 0:  # shared axes: the first panel's labels speak for the row
+            ax_bars[i].set_ylabel("")
+            ax_hist[i].set_ylabel("")
+            ax_bars[i].tick_params(labelleft=False)
+            ax_hist[i].tick_params(labelleft=False)
+            ax_hist[i].legend(loc="upper left", fontsize=7, framealpha=0.9)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save_reliability_diagram(summary_or_bins: Any, path, title: str) -> Path:
+    """Write one model's reliability diagram as a PNG at `path`; returns the path.
+
+    summary_or_bins: a bins table, or a mapping with the table under "bins" (and optionally "ece",
+    "accuracy" for the title, as in a metrics.json that stores both)."""
+    table, summary = _split(summary_or_bins)
+    return _save(reliability_figure([(title, table, summary)]), path)
+
+
+def save_reliability_comparison(panels: Sequence[tuple[str, Any, Optional[dict]]], path) -> Path:
+    """Write side-by-side reliability diagrams (e.g. teacher raw vs calibrated, student ce vs FIRST)
+    with shared axes as one PNG; panels are (title, bins_table, summary or None). Returns the path."""
+    return _save(reliability_figure(panels), path)
