@@ -58,10 +58,10 @@ def _coerce(name: str, value: Any, tp) -> Any:
         return next(c for c in choices if str(c) == str(value))
     if origin in (list, typing.List):
         (item_tp,) = get_args(base) or (str,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
         if not isinstance(value, (list, tuple)):
             value = [value]
+        # "a,b" and ["a", "b"] mean the same, so `--runs a,b` and `report a b` both work.
+        value = [part for v in value for part in (str(v).split(",") if isinstance(v, str) else [v]) if part != ""]
         return [_coerce(name, v, item_tp) for v in value]
     if origin in (dict, typing.Dict):
         if not isinstance(value, dict):
@@ -104,7 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if f.default is not dataclasses.MISSING and f.default not in (None, "") and not f.metadata.get("positional"):
             help_text += f" (default: {f.default})"
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, help=help_text, nargs="?", default=argparse.SUPPRESS)
+            # A list positional (e.g. `report RUN...`) takes every bare word; `key=value` words are
+            # split back out into overrides by from_args.
+            many = get_origin(tp) in (list, typing.List)
+            parser.add_argument(f.name, help=help_text, nargs="*" if many else "?", default=argparse.SUPPRESS)
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
@@ -164,8 +167,15 @@ def from_args(cls, args: argparse.Namespace, section: Optional[str] = None):
     config_path = getattr(args, "_config", None)
     if config_path:
         values.update(read_yaml(config_path, section))
-    positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
-    for item in getattr(args, "overrides", []) or []:
+    overrides = list(getattr(args, "overrides", []) or [])
+    for f in dataclasses.fields(cls):
+        words = vars(args).get(f.name)
+        if f.metadata.get("positional") and isinstance(words, list):
+            overrides += [w for w in words if "=" in w]
+            setattr(args, f.name, [w for w in words if "=" not in w])
+            if not getattr(args, f.name):
+                delattr(args, f.name)
+    for item in overrides:
         if "=" not in item:
             # argparse sends a bare positional here when the command has one and it was consumed;
             # otherwise the user typed something that is neither a flag nor key=value.
@@ -177,7 +187,6 @@ def from_args(cls, args: argparse.Namespace, section: Optional[str] = None):
         if name in vars(args):
             values[name] = getattr(args, name)
     source = f"{config_path}" if config_path else "the command line"
-    del positional
     return build(cls, values, source)
 
 

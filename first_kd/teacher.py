@@ -44,6 +44,7 @@ class CacheConfig(DataConfig):
     trust_remote_code: bool = option(False, help="allow model code from the hub (only for teachers you trust)")
 
     def validate(self):
+        super().validate()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")
         if not self.data:
