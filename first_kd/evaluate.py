@@ -1,0 +1,484 @@
+"""`first-kd evaluate`: accuracy and calibration of a model, or of a teacher from its cached top-k.
+
+What is scored
+--------------
+Multiple-choice data ("answer" level), one prediction per question at the answer position:
+  * model: the logits of the option letters (" A", " B", ... up to the item's number of options)
+    renormalised over those options; prediction = argmax, confidence = its renormalised probability.
+    The full-vocabulary probability of the predicted letter and the vocabulary mass on all options are
+    kept per example (a model can be confident among the letters while putting little mass on them).
+  * store (`--store`): the teacher's top-k distribution (after the recorded temperature unless
+    `--no-temperature`) with every option absent from the top-k given probability 0, then
+    renormalised over the options. If no option is in the top-k the confidence is uniform over the
+    options (prediction: the first, "A"), which is what "no information" means here.
+Prompt/response data ("token" level), every target position:
+  * model: the full-vocabulary distribution; confidence = top-1 probability, correct = top-1 is the
+    next target token. Brier and NLL are over the full vocabulary.
+  * store: the top-k distribution (renormalised over the k ids, after temperature); confidence = its
+    top-1 probability, correct = the top-1 cached id is the target. A target outside the top-k has
+    probability 0 (Brier counts it so).
+
+NLL from a store: a gold answer / target with probability 0 under the top-k distribution has no
+finite log-likelihood, so store NLLs average over the examples whose gold has probability > 0
+(metrics.json: "nll_scope" = "gold probability > 0", "nll_n" = how many); for models "nll_scope" = "all".
+For the logit temperature form this is the exact conditional likelihood (see first_kd.calibration).
+
+Outputs in --out: metrics.json (written last: its presence means the run finished), predictions.jsonl
+(one line per example) and reliability.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from first_kd import metrics
+from first_kd.config import option
+from first_kd.data import DataConfig
+from first_kd.errors import FirstKDError
+
+# Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
+_HEAD_ELEMENTS = 1 << 25
+# Store rows buffered before they are scored together.
+_STORE_FLUSH_ROWS = 1 << 15
+_GENERIC_DIR_NAMES = {"model", "final", "checkpoint", "checkpoints", "store"}
+
+
+@dataclasses.dataclass
+class EvaluateConfig(DataConfig):
+    model: Optional[str] = option(None, help="model to evaluate: hub id or local path (e.g. a distill run's OUT/model)")
+    store: Optional[str] = option(
+        None, help="evaluate a teacher from its cached top-k store instead of a model (no --model / --data)")
+    out: Optional[str] = option(None, help="output directory for metrics.json, predictions.jsonl, reliability.png")
+    temperature: bool = option(
+        True, help="with --store: apply the store's recorded temperature (--no-temperature: the raw top-k)")
+    n_bins: int = option(10, help="equal-width confidence bins of ECE / MCE and the reliability diagram")
+    label: Optional[str] = option(None, help="name shown in reports (default: from the model or store path)")
+    tokenizer: Optional[str] = option(None, help="tokenizer path or hub id (default: the model's own)")
+    batch_size: int = option(16, help="sequences per forward pass")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="model weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
+    revision: Optional[str] = option(None, help="model revision (branch, tag or commit) when loading from a hub")
+    trust_remote_code: bool = option(False, help="allow model code from the hub (only for models you trust)")
+
+    def validate(self):
+        super().validate()
+        if not self.out:
+            raise FirstKDError("missing --out (directory for metrics.json, predictions.jsonl, reliability.png)")
+        if Path(self.out).is_file():
+            raise FirstKDError(f"--out {self.out} is a file: give a directory for the evaluation outputs")
+        if self.store and self.model:
+            raise FirstKDError("give --model (with --data) or --store, not both")
+        if self.store and self.data:
+            raise FirstKDError("--store evaluates the data cached in the store: drop --data")
+        if not self.store and not self.model:
+            raise FirstKDError("missing --model (with --data), or --store to evaluate a cached teacher")
+        if self.model and not self.data:
+            raise FirstKDError("missing --data (the evaluation file or dataset for --model)")
+        if self.n_bins < 1:
+            raise FirstKDError(f"--n-bins must be >= 1, got {self.n_bins}")
+        if self.batch_size < 1:
+            raise FirstKDError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------
+
+
+def option_mask(n_choices: torch.Tensor, n_options: int) -> torch.Tensor:
+    """[B, C] bool, True for the options an item has (the first n_choices[b] letters)."""
+    return torch.arange(n_options, device=n_choices.device)[None, :] < n_choices[:, None]
+
+
+def options_from_logits(option_logits: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+    """Renormalise letter logits over each item's options.
+
+    Args:
+        option_logits: [B, C] logits of the option letters A.. (C = most options of any item).
+        n_choices: [B] number of options of each item (1..C).
+    Returns:
+        [B, C] fp32 probabilities, 0 for letters beyond an item's options.
+    """
+    mask = option_mask(n_choices, option_logits.shape[1])
+    return torch.softmax(option_logits.float().masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def options_from_topk(topk_ids: torch.Tensor, topk_probs: torch.Tensor, choice_ids: torch.Tensor,
+                      n_choices: torch.Tensor) -> torch.Tensor:
+    """Option probabilities from a top-k distribution: absent options get 0, then renormalise.
+
+    Args:
+        topk_ids: [B, k] token ids; topk_probs: [B, k] their probabilities (after temperature).
+        choice_ids: [C] token id of each option letter; n_choices: [B] options per item.
+    Returns:
+        [B, C] fp32, rows summing to 1 over the item's options; uniform over them when none is in the top-k.
+    """
+    match = topk_ids[:, :, None] == choice_ids[None, None, :]  # [B, k, C]
+    mass = (topk_probs.float()[:, :, None] * match).sum(dim=1)  # [B, C]
+    mask = option_mask(n_choices, choice_ids.shape[0])
+    mass = mass * mask
+    total = mass.sum(dim=1, keepdim=True)
+    uniform = mask.float() / n_choices[:, None].float()
+    return torch.where(total > 0, mass / total.clamp(min=torch.finfo(torch.float32).tiny), uniform)
+
+
+def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+              cols: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [N, H] at (rows[i], cols[i]) of a right-padded batch [B, S]: the body runs
+    once and the output head is left to the caller, so no [B, S, V] logits tensor is ever built."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return hidden[rows, cols]
+
+
+def _pad(seqs: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _length_batches(lengths: np.ndarray, batch_size: int):
+    """Index batches, longest first (little padding; a memory problem shows up in the first batch)."""
+    order = np.argsort(-lengths, kind="stable")
+    for b in range(0, len(order), batch_size):
+        yield order[b: b + batch_size]
+
+
+class _NLL:
+    """Sum of -log p over samples with p > 0 (store scope) or all samples (clamped, model scope)."""
+
+    def __init__(self):
+        self.total, self.n = 0.0, 0
+
+    def add(self, p_gold: np.ndarray, only_positive: bool) -> None:
+        p = np.asarray(p_gold, dtype=np.float64)
+        if only_positive:
+            p = p[p > 0]
+        self.total += float(np.sum(-np.log(np.maximum(p, metrics.NLL_EPS))))
+        self.n += int(p.shape[0])
+
+    def mean(self) -> Optional[float]:
+        return self.total / self.n if self.n else None
+
+
+def _finish(acc: metrics.CalibrationAccumulator, nll: _NLL, scope: str) -> dict:
+    summary = acc.compute()
+    summary["nll"] = nll.mean()
+    summary["nll_scope"] = scope
+    summary["nll_n"] = nll.n
+    summary["bins"] = metrics.bins_to_json(acc.bins())
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 16, n_bins: int = 10,
+                   device=None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score a causal LM on tokenized examples (first_kd.data.prepare_dataset output).
+
+    Returns (summary: metrics keys + "bins", "level"; predictions: one dict per example, in data order).
+    """
+    device = device or next(model.parameters()).device
+    head = model.get_output_embeddings()
+    mcqa = info["format"] == "mcqa"
+    labels = info.get("choice_labels") or []
+    choice_ids = torch.tensor(info.get("choice_token_ids") or [], dtype=torch.long, device=device)
+    vocab = head.weight.shape[0]
+    if mcqa and int(choice_ids.max()) >= vocab:
+        raise FirstKDError(f"option letter token id {int(choice_ids.max())} is outside the model's {vocab} logits: "
+                           "evaluate with the model's own tokenizer (--tokenizer)")
+    input_ids = tokenized["input_ids"]
+    starts = np.asarray(tokenized["target_start"], dtype=np.int64)
+    ids = tokenized["id"]
+    lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
+    acc = metrics.CalibrationAccumulator(n_bins)
+    nll = _NLL()
+    predictions: list[Optional[dict]] = [None] * len(ids)
+    head_rows = max(1, _HEAD_ELEMENTS // vocab)
+    unit = "q" if mcqa else "seq"
+    bar = tqdm(total=len(ids), unit=unit, desc="evaluating", dynamic_ncols=True, disable=not progress)
+    if mcqa:
+        answer = np.asarray(tokenized["answer_index"], dtype=np.int64)
+        n_choices = np.asarray(tokenized["n_choices"], dtype=np.int64)
+    for batch in _length_batches(lengths, batch_size):
+        tokens, mask = _pad([input_ids[i] for i in batch], pad_id, device)
+        if mcqa:
+            rows = torch.arange(len(batch), device=device)
+            cols = torch.as_tensor(starts[batch] - 1, device=device)
+            logits = _softcap(model, head(hidden_at(model, tokens, mask, rows, cols)).float())  # [B, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            n_ch = torch.as_tensor(n_choices[batch], device=device)
+            gold = torch.as_tensor(answer[batch], device=device)
+            probs = options_from_logits(logits[:, choice_ids], n_ch)  # [B, C]
+            acc.update(probs, gold)
+            p_gold = probs.gather(1, gold[:, None])[:, 0]
+            nll.add(p_gold.cpu().numpy(), only_positive=False)
+            conf, pred = probs.max(dim=-1)
+            vocab_p = logp[:, choice_ids].exp() * option_mask(n_ch, len(choice_ids))
+            p_pred_full = vocab_p.gather(1, pred[:, None])[:, 0]
+            # one device -> host copy per batch, not one per number
+            probs, conf, pred = probs.cpu().numpy(), conf.cpu().numpy(), pred.cpu().numpy()
+            p_pred_full, options_mass = p_pred_full.cpu().numpy(), vocab_p.sum(dim=1).cpu().numpy()
+            for r, i in enumerate(batch):
+                n = int(n_choices[i])
+                predictions[i] = {
+                    "id": ids[i], "prediction": labels[int(pred[r])], "gold": labels[int(answer[i])],
+                    "correct": bool(pred[r] == answer[i]), "confidence": float(conf[r]),
+                    "option_probs": {labels[j]: float(probs[r, j]) for j in range(n)},
+                    "p_pred_full": float(p_pred_full[r]), "options_mass": float(options_mass[r]),
+                }
+        else:
+            row_list, col_list = [], []
+            for r, i in enumerate(batch):
+                positions = np.arange(starts[i] - 1, lengths[i] - 1)
+                row_list.append(np.full(len(positions), r))
+                col_list.append(positions)
+            rows = torch.as_tensor(np.concatenate(row_list), device=device)
+            cols = torch.as_tensor(np.concatenate(col_list), device=device)
+            targets = tokens[rows, cols + 1]
+            hidden = hidden_at(model, tokens, mask, rows, cols)
+            conf_all, correct_all, gold_all = [], [], []
+            for lo in range(0, hidden.shape[0], head_rows):
+                sl = slice(lo, lo + head_rows)
+                probs = torch.softmax(_softcap(model, head(hidden[sl]).float()), dim=-1)
+                acc.update(probs, targets[sl])
+                conf, pred = probs.max(dim=-1)
+                conf_all.append(conf)
+                correct_all.append(pred == targets[sl])
+                gold_all.append(probs.gather(1, targets[sl][:, None])[:, 0])
+            conf_all = torch.cat(conf_all).cpu().numpy()
+            correct_all = torch.cat(correct_all).cpu().numpy()
+            gold_all = torch.cat(gold_all).double().cpu().numpy()
+            nll.add(gold_all, only_positive=False)
+            row_np = rows.cpu().numpy()
+            for r, i in enumerate(batch):
+                sel = row_np == r
+                predictions[i] = _token_line(ids[i], conf_all[sel], correct_all[sel], gold_all[sel])
+        bar.update(len(batch))
+    bar.close()
+    summary = _finish(acc, nll, "all")
+    summary["level"] = "answer" if mcqa else "token"
+    return summary, predictions
+
+
+def _token_line(example_id: str, conf: np.ndarray, correct: np.ndarray, p_gold: np.ndarray) -> dict:
+    return {"id": example_id, "n_tokens": int(len(conf)), "token_accuracy": float(np.mean(correct)),
+            "mean_confidence": float(np.mean(conf)),
+            "nll": float(np.mean(-np.log(np.maximum(p_gold, metrics.NLL_EPS)))) if np.any(p_gold > 0) else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Stores
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
+                   progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score a teacher from its cached top-k (see the module docstring for exactly what).
+
+    Returns (summary: metrics keys + "bins", "level", "temperature"; predictions in store order)."""
+    data = store.attrs.get("data") or {}
+    mcqa = data.get("format") == "mcqa"
+    record = store.temperature if use_temperature else {}
+    acc = metrics.CalibrationAccumulator(n_bins)
+    nll = _NLL()
+    predictions: list[dict] = []
+    bar = tqdm(total=len(store), unit="seq", desc="evaluating store", dynamic_ncols=True, disable=not progress)
+    if mcqa:
+        labels = list(data.get("choice_labels") or [])
+        choice_ids = torch.tensor(data.get("choice_token_ids") or [], dtype=torch.long)
+        if not labels or len(labels) != len(choice_ids):
+            raise FirstKDError(f"store {store.path} is a multiple-choice store without option token ids: re-create it "
+                               "with `first-kd cache ... --overwrite`")
+        buffer: list[dict] = []
+        for i in range(len(store)):
+            buffer.append(store.get(i, temperature=use_temperature))
+            if len(buffer) >= _STORE_FLUSH_ROWS or i == len(store) - 1:
+                predictions += _score_mcqa_rows(buffer, choice_ids, labels, acc, nll)
+                bar.update(len(buffer))
+                buffer = []
+    else:
+        buffer, rows = [], 0
+        for i in range(len(store)):
+            rec = store.get(i, temperature=use_temperature)
+            buffer.append(rec)
+            rows += len(rec["target_positions"])
+            if rows >= _STORE_FLUSH_ROWS or i == len(store) - 1:
+                predictions += _score_token_rows(buffer, acc, nll)
+                bar.update(len(buffer))
+                buffer, rows = [], 0
+    bar.close()
+    summary = _finish(acc, nll, "gold probability > 0")
+    summary["level"] = "answer" if mcqa else "token"
+    summary["temperature"] = record or None
+    return summary, predictions
+
+
+def _score_mcqa_rows(records: list[dict], choice_ids: torch.Tensor, labels: list[str],
+                     acc: metrics.CalibrationAccumulator, nll: _NLL) -> list[dict]:
+    # One target position per multiple-choice sequence: the answer position.
+    topk_ids = torch.from_numpy(np.stack([r["topk_ids"][0] for r in records]))
+    topk_probs = torch.from_numpy(np.stack([r["teacher_probs"][0] for r in records]))
+    raw_logprobs = np.stack([r["topk_logprobs"][0] for r in records])
+    n_ch = torch.tensor([r["n_choices"] for r in records], dtype=torch.long)
+    gold = torch.tensor([r["answer_index"] for r in records], dtype=torch.long)
+    probs = options_from_topk(topk_ids, topk_probs, choice_ids, n_ch)
+    acc.update(probs, gold)
+    p_gold = probs.gather(1, gold[:, None])[:, 0].numpy()
+    nll.add(p_gold, only_positive=True)
+    conf, pred = probs.max(dim=-1)
+    out = []
+    for r, rec in enumerate(records):
+        letter_id = int(choice_ids[int(pred[r])])
+        where = np.flatnonzero(rec["topk_ids"][0] == letter_id)
+        n = int(n_ch[r])
+        out.append({
+            "id": rec["id"], "prediction": labels[int(pred[r])], "gold": labels[int(gold[r])],
+            "correct": bool(pred[r] == gold[r]), "confidence": float(conf[r]),
+            "option_probs": {labels[j]: float(probs[r, j]) for j in range(n)},
+            # The teacher's raw (temperature 1) full-vocabulary probability, known only inside the top-k.
+            "p_pred_full": float(np.exp(raw_logprobs[r, where[0]])) if len(where) else None,
+            "options_in_topk": int(np.isin(rec["topk_ids"][0], choice_ids[:n].numpy()).sum()),
+        })
+    return out
+
+
+def _score_token_rows(records: list[dict], acc: metrics.CalibrationAccumulator, nll: _NLL) -> list[dict]:
+    probs_k = np.concatenate([r["teacher_probs"] for r in records])  # [N, k]
+    ids_k = np.concatenate([r["topk_ids"] for r in records])
+    targets = np.concatenate([r["input_ids"][r["target_positions"] + 1] for r in records])
+    hit = ids_k == targets[:, None]
+    inside = hit.any(axis=1)
+    k = probs_k.shape[1]
+    # A (k+1)-th class "outside the top-k" with probability 0 is the label of targets the top-k misses,
+    # so multi-class Brier and NLL see them as the misses they are.
+    probs = np.concatenate([probs_k, np.zeros((len(probs_k), 1), dtype=probs_k.dtype)], axis=1)
+    labels = np.where(inside, hit.argmax(axis=1), k)
+    acc.update(probs, labels)
+    stats = metrics.top_label_statistics(probs, labels)
+    nll.add(stats["p_gold"], only_positive=True)
+    out, at = [], 0
+    for rec in records:
+        n = len(rec["target_positions"])
+        sl = slice(at, at + n)
+        out.append(_token_line(rec["id"], stats["confidence"][sl], stats["correct"][sl], stats["p_gold"][sl]))
+        out[-1]["targets_in_topk"] = int(inside[sl].sum())
+        at += n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------
+
+
+def default_label(path: str, suffix: str = "") -> str:
+    """A readable run name from a path: skips generic folder names (a distill run's OUT/model ...)."""
+    parts = [p for p in Path(path.rstrip("/")).parts if p not in ("/", ".", "..")]
+    while len(parts) > 1 and (parts[-1] in _GENERIC_DIR_NAMES or parts[-1].startswith("step-")):
+        parts.pop()
+    name = parts[-1] if parts else str(path)
+    for ext in (".zarr",):
+        name = name[: -len(ext)] if name.endswith(ext) else name
+    return name + suffix
+
+
+def temperature_text(record: Optional[dict]) -> str:
+    if not record:
+        return "raw"
+    symbol = "c" if record.get("form") == "prob" else "T"
+    return f"{record.get('form')} {symbol}={float(record.get('value')):.3g}"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, summary: dict, predictions: list[dict], label: str) -> dict:
+    """metrics.json, predictions.jsonl and reliability.png in `out`; returns the metrics dict."""
+    from first_kd.plots import save_reliability_diagram
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a crash below must not leave the old run's metrics
+    with open(out / "predictions.jsonl", "w") as f:
+        for line in predictions:
+            f.write(json.dumps(line) + "\n")
+    save_reliability_diagram(summary, out / "reliability.png", title=label)
+    _write_json_atomic(out / "metrics.json", summary)
+    return summary
+
+
+def _clean(value):
+    """NaN/inf -> None, recursively, so metrics.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_evaluate(cfg: EvaluateConfig) -> int:
+    out = Path(cfg.out)
+    if cfg.store:
+        from first_kd.store import open_store
+
+        store = open_store(cfg.store)
+        if cfg.temperature and not store.temperature:
+            print(f"first-kd evaluate: note: {cfg.store} has no temperature record (run `first-kd calibrate`); "
+                  "evaluating the raw top-k")
+        summary, predictions = evaluate_store(store, cfg.temperature, cfg.n_bins)
+        data = store.attrs.get("data") or {}
+        label = cfg.label or default_label(cfg.store, f" teacher {temperature_text(summary['temperature'])}")
+        summary.update(model=(store.attrs.get("teacher") or {}).get("name"), data=data.get("source"),
+                       split=data.get("split"), store=str(cfg.store), source="store", k=store.k)
+    else:
+        from accelerate import PartialState
+
+        from first_kd.data import prepare_dataset
+        from first_kd.models import load_model, load_tokenizer, resolve_dtype
+
+        device = PartialState(cpu=not torch.cuda.is_available()).device
+        dtype = resolve_dtype(cfg.dtype, device)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+        tokenized, info = prepare_dataset(cfg, tokenizer)
+        model = load_model(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
+        summary, predictions = evaluate_model(model, tokenized, info, tokenizer.pad_token_id, cfg.batch_size,
+                                              cfg.n_bins, device)
+        label = cfg.label or default_label(cfg.model)
+        summary.update(model=cfg.model, data=cfg.data, split=cfg.split, source="model",
+                       dtype=str(dtype).replace("torch.", ""), temperature=None)
+        if info.get("n_truncated"):
+            summary["n_truncated"] = int(info["n_truncated"])
+    summary["label"] = label
+    summary = _clean(summary)
+    write_outputs(out, summary, predictions, label)
+    nll = "n/a" if summary["nll"] is None else f"{summary['nll']:.4f}"
+    print(f"first-kd evaluate: {label}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}, "
+          f"NLL {nll}, mean confidence {summary['mean_confidence']:.4f} over {summary['n']:,} "
+          f"{'questions' if summary['level'] == 'answer' else 'tokens'} -> {out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,253 @@
+"""`first-kd report`: evaluation runs side by side, as report.md (readable on GitHub), report.json and
+reliability diagrams.
+
+Each RUN is a `first-kd evaluate --out` directory (or its metrics.json). The report holds:
+  * report.md: a table of accuracy, ECE, MCE, Brier, NLL, mean confidence and n per run (best of each
+    column in bold), the side-by-side reliability figure(s), the teacher temperature records of the runs
+    that used one, and where every number came from;
+  * report.json: {"title", "models": {label: metrics without the bins table}, "temperature": {label: record}};
+  * reliability.png: one reliability diagram per run with shared axes, at most 6 per figure
+    (reliability-2.png ... hold the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from first_kd.config import option
+from first_kd.errors import FirstKDError
+
+PANELS_PER_FIGURE = 6
+# (metrics key, column title, "max" when higher is better, "min" when lower is, decimals)
+COLUMNS = (
+    ("accuracy", "Accuracy", "max", 4),
+    ("ece", "ECE", "min", 4),
+    ("mce", "MCE", "min", 4),
+    ("brier", "Brier", "min", 4),
+    ("nll", "NLL", "min", 4),
+    ("mean_confidence", "Mean conf.", None, 4),
+)
+REQUIRED_KEYS = ("accuracy", "ece", "mce", "mean_confidence", "n", "bins")
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    runs: List[str] = option([], help="evaluation output directories (each holds metrics.json), comma-separated",
+                             positional=True)
+    out: Optional[str] = option(None, help="directory to write report.md, report.json and reliability.png")
+    labels: List[str] = option([], help="comma-separated names for the runs, in order (default: each run's label)")
+    title: str = option("first-kd evaluation report", help="report title")
+
+    def validate(self):
+        if not self.runs:
+            raise FirstKDError("no runs given: first-kd report RUN_DIR[,RUN_DIR...] --out DIR "
+                               "(RUN_DIR = a `first-kd evaluate --out` directory)")
+        if not self.out:
+            raise FirstKDError("missing --out (directory for report.md, report.json, reliability.png)")
+        if self.labels and len(self.labels) != len(self.runs):
+            raise FirstKDError(f"--labels names {len(self.labels)} run(s) but {len(self.runs)} were given: "
+                               "give one label per run, in order")
+
+
+def load_run(path) -> tuple[Path, dict]:
+    """(path of metrics.json, its contents) for a run directory or a metrics.json path."""
+    path = Path(path)
+    file = path / "metrics.json" if path.is_dir() else path
+    if not file.is_file():
+        hint = " (the evaluation did not finish?)" if path.is_dir() else ""
+        raise FirstKDError(f"no metrics.json in {path}{hint}: give `first-kd evaluate --out` directories")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        raise FirstKDError(f"{file} is not valid JSON: re-run the evaluation that wrote it") from None
+    missing = [k for k in REQUIRED_KEYS if k not in data] if isinstance(data, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise FirstKDError(f"{file} lacks {', '.join(missing)}: it is not a `first-kd evaluate` metrics.json")
+    return file, data
+
+
+def unique_labels(labels: list[str]) -> list[str]:
+    """Labels made distinct by appending " (2)", " (3)" ... to repeats."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label} ({seen[label]})")
+    return out
+
+
+def _number(value, decimals: int) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{decimals}f}"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _best(runs: list[dict], key: str, sense: Optional[str]) -> Optional[float]:
+    values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if sense is None or len(values) < 2:
+        return None
+    return max(values) if sense == "max" else min(values)
+
+
+def _temperature_text(record: Optional[dict]) -> str:
+    if not record:
+        return "none"
+    symbol = "c" if record.get("form") == "prob" else "T"
+    return f"{record.get('form')} {symbol}={float(record['value']):.4g}"
+
+
+def metrics_table(labels: list[str], runs: list[dict]) -> list[str]:
+    """Markdown lines of the main table; NLL cells of store runs carry a dagger (top-k scope)."""
+    head = ["Model", "Source", "Temperature"] + [title for _, title, _, _ in COLUMNS] + ["n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] * 3 + ["---:"] * (len(COLUMNS) + 1)) + "|"]
+    best = {key: _best(runs, key, sense) for key, _, sense, _ in COLUMNS}
+    for label, run in zip(labels, runs):
+        cells = [_cell(label), _cell(run.get("source", "?")), _cell(_temperature_text(run.get("temperature")))]
+        for key, _, sense, decimals in COLUMNS:
+            text = _number(run.get(key), decimals)
+            if key == "nll" and run.get("nll_scope") not in (None, "all") and text != "n/a":
+                text += " †"
+            if best[key] is not None and run.get(key) == best[key]:
+                text = f"**{text}**"
+            cells.append(text)
+        cells.append(f"{int(run['n']):,}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def temperature_table(labels: list[str], runs: list[dict]) -> list[str]:
+    rows = [(label, run["temperature"]) for label, run in zip(labels, runs) if run.get("temperature")]
+    if not rows:
+        return []
+    lines = ["| Run | Form | Value | Objective | Fitted on | ECE before → after | NLL before → after | Positions |",
+             "|:---|:---|---:|:---|:---|:---|:---|---:|"]
+    for label, t in rows:
+        fitted = t.get("fitted_on") or {}
+        where = fitted.get("path") if isinstance(fitted, dict) else fitted
+        lines.append("| " + " | ".join([
+            _cell(label), _cell(t.get("form")), _number(t.get("value"), 4), _cell(t.get("objective", "?")),
+            f"`{_cell(where)}`" if where else "?",
+            f"{_number(t.get('ece_before'), 4)} → {_number(t.get('ece_after'), 4)}",
+            f"{_number(t.get('nll_before'), 4)} → {_number(t.get('nll_after'), 4)}",
+            f"{int(t['n_positions']):,}" if t.get("n_positions") is not None else "?",
+        ]) + " |")
+    return lines
+
+
+def figure_groups(n_runs: int, per_figure: int = PANELS_PER_FIGURE) -> list[range]:
+    """Runs per figure: at most `per_figure` panels each, balanced (7 runs -> 4 + 3, not 6 + 1)."""
+    n_figures = max(1, math.ceil(n_runs / per_figure))
+    base, extra = divmod(n_runs, n_figures)
+    groups, lo = [], 0
+    for i in range(n_figures):
+        size = base + (1 if i < extra else 0)
+        groups.append(range(lo, lo + size))
+        lo += size
+    return groups
+
+
+def _figures(labels: list[str], runs: list[dict], out: Path) -> list[str]:
+    """Write the reliability figure(s); return their file names."""
+    from first_kd.plots import save_reliability_comparison
+
+    names = []
+    for i, group in enumerate(figure_groups(len(runs))):
+        name = "reliability.png" if i == 0 else f"reliability-{i + 1}.png"
+        save_reliability_comparison([(labels[j], runs[j]["bins"], runs[j]) for j in group], out / name)
+        names.append(name)
+    return names
+
+
+_DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def _data_text(run: dict) -> str:
+    data = run.get("data")
+    if not data:
+        return ""
+    # A file has one split; a hub dataset or a saved DatasetDict is read at the split that was asked for.
+    split = run.get("split") if not str(data).endswith(_DATA_FILE_SUFFIXES) else None
+    return f" on `{data}`" + (f" (split {split})" if split else "")
+
+
+def render_markdown(title: str, labels: list[str], runs: list[dict], files: list[Path], figures: list[str],
+                    out: Path) -> str:
+    levels = {run.get("level") for run in runs}
+    level_text = {"answer": "multiple-choice answers (confidence renormalised over the option letters)",
+                  "token": "target tokens (top-1 probability vs the next token)"}
+    lines = [f"# {title}", "", *metrics_table(labels, runs), ""]
+    notes = ["ECE, MCE, Brier and NLL: lower is better; **bold** marks the best of a column."]
+    notes.append("Scored on " + "; ".join(level_text.get(lv, str(lv)) for lv in sorted(levels, key=str)) + ".")
+    if len(levels) > 1:
+        notes.append("Runs score different things (answers vs tokens): compare rows of the same level only.")
+    bins = {run.get("n_bins") for run in runs}
+    notes.append(f"ECE / MCE use {', '.join(str(b) for b in sorted(bins, key=str))} equal-width confidence bins.")
+    if any(run.get("nll_scope") not in (None, "all") for run in runs):
+        notes.append("† NLL of a cached teacher (top-k store) averages over the examples whose gold answer or "
+                     "token gets a probability > 0 from the top-k distribution; the others have no finite "
+                     "log-likelihood under it.")
+    lines += [" ".join(notes), "", "## Reliability diagrams", ""]
+    for i, name in enumerate(figures):  # one paragraph per image, so they stack instead of sharing a line
+        part = f" ({i + 1} of {len(figures)})" if len(figures) > 1 else ""
+        lines += [f"![Reliability diagrams{part}]({name})", ""]
+    temps = temperature_table(labels, runs)
+    if temps:
+        lines += ["## Teacher temperature", "",
+                  "Fitted by `first-kd calibrate` on held-out data; before = raw top-k, after = with the temperature. "
+                  "These ECE / NLL are those of the fit: the top-1 of the teacher's top-k tokens at each target "
+                  "position, not renormalised over answer options as in the table above.",
+                  "", *temps, ""]
+    lines += ["## Runs", ""]
+    for label, run, file in zip(labels, runs, files):
+        rel = Path(os.path.relpath(file.parent, out)).as_posix()
+        what = f"model `{run.get('model')}`" if run.get("source") != "store" else \
+            f"store `{run.get('store')}` (teacher `{run.get('model')}`)"
+        lines.append(f"- **{_cell(label)}**: {what}{_data_text(run)}; [metrics]({rel}/metrics.json), "
+                     f"[diagram]({rel}/reliability.png), [predictions]({rel}/predictions.jsonl)")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
+                 title: str = "first-kd evaluation report") -> dict:
+    """Write report.md, report.json and the reliability figure(s) into `out`; return the report.json dict."""
+    out = Path(out)
+    loaded = [load_run(p) for p in run_paths]
+    files = [f for f, _ in loaded]
+    runs = [r for _, r in loaded]
+    if labels and len(labels) != len(runs):
+        raise FirstKDError(f"{len(labels)} label(s) for {len(runs)} run(s): give one label per run")
+    names = list(labels) if labels else [str(r.get("label") or default_name(f)) for r, f in zip(runs, files)]
+    names = unique_labels(names)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(names, runs, out)
+    report = {
+        "title": title,
+        "models": {name: {k: v for k, v in run.items() if k != "bins"} | {"metrics_file": str(f)}
+                   for name, run, f in zip(names, runs, files)},
+        "temperature": {name: run["temperature"] for name, run in zip(names, runs) if run.get("temperature")},
+        "figures": figures,
+    }
+    (out / "report.md").write_text(render_markdown(title, names, runs, files, figures, out))
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def default_name(metrics_file: Path) -> str:
+    return metrics_file.parent.name
+
+
+def run_report(cfg: ReportConfig) -> int:
+    report = build_report(cfg.runs, cfg.out, cfg.labels or None, cfg.title)
+    out = Path(cfg.out)
+    print(f"first-kd report: {len(report['models'])} run(s) -> {out / 'report.md'}, {out / 'report.json'}, "
+          f"{', '.join(str(out / f) for f in report['figures'])}")
+    return 0
