@@ -1,0 +1,230 @@
+"""The teacher pass end to end: `first-kd cache` on a tiny Llama teacher.
+
+Checks the cached top-k against a direct full forward, resume after SIGKILL at several points,
+2 processes == 1 process, refusal to overwrite, and the bad-input errors (one line, nothing valid-looking
+left behind).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from first_kd.cli import main
+from first_kd.errors import FirstKDError
+from first_kd.store import open_store
+
+from conftest import LETTERS, _WORDS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def mcqa_records(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        texts = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in LETTERS]
+        out.append({"id": f"mc-{i}", "question": " ".join(rng.choices(_WORDS, k=rng.randint(3, 12))) + "?",
+                    "choices": {"label": list(LETTERS), "text": texts}, "answerKey": rng.choice(LETTERS)})
+    return out
+
+
+def pr_records(n, seed=0):
+    rng = random.Random(seed)
+    return [{"id": f"pr-{i}", "prompt": " ".join(rng.choices(_WORDS, k=rng.randint(2, 10))),
+             "response": " ".join(rng.choices(_WORDS, k=rng.randint(1, 12)))} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama whose output head is scaled up, so its distributions are peaked like a trained
+    model's and top-k order is not decided by float noise."""
+    from transformers import AutoModelForCausalLM
+
+    from first_kd.tiny import build_llama
+
+    path = build_llama(tmp_path_factory.mktemp("teacher") / "model", tiny_tokenizer, hidden_size=64, num_layers=2)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return {"mcqa": write_jsonl(d / "mc.jsonl", mcqa_records(30)),
+            "pr": write_jsonl(d / "pr.jsonl", pr_records(40))}
+
+
+def cache(teacher, data, out, *extra):
+    return main(["cache", "--teacher", teacher, "--data", str(data), "--out", str(out), *extra])
+
+
+def read_arrays(path):
+    group = zarr.open_group(str(path), mode="r")
+    return {name: arr[:] for name, arr in group.arrays()}
+
+
+def assert_stores_equal(a, b):
+    arrays_a, arrays_b = read_arrays(a), read_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["mcqa", "pr"])
+def test_topk_matches_direct_full_forward(tmp_path, teacher_dir, data_files, kind):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "s.zarr"
+    assert cache(teacher_dir, data_files[kind], out, "--batch-size", "4") == 0
+    store = open_store(out)
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    for i in range(len(store)):
+        rec = store.get(i)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(rec["input_ids"])[None]).logits[0].float()
+        logprobs = torch.log_softmax(logits, -1)[torch.from_numpy(rec["target_positions"])]
+        values, ids = torch.topk(logprobs, store.k, dim=-1)
+        np.testing.assert_array_equal(rec["topk_ids"], ids.numpy())
+        np.testing.assert_allclose(rec["topk_logprobs"], values.numpy(), rtol=2 ** -10, atol=1e-4)
+        # the target tokens are the stored ones, so a student learns to predict exactly these
+        if kind == "mcqa":
+            assert len(rec["target_positions"]) == 1
+    if kind == "mcqa":
+        assert store.attrs["data"]["format"] == "mcqa"
+        assert len(store.attrs["data"]["choice_token_ids"]) == 5
+
+
+def run_cli(args, env=None, check=False):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference_store(tmp_path_factory, teacher_dir, data_files):
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    assert cache(teacher_dir, data_files["pr"], out, "--chunk-positions", "64", "--batch-size", "3") == 0
+    return out
+
+
+@pytest.mark.parametrize("crash_at", ["planned", "unit-computed:0", "unit-rows:1", "before-complete"])
+def test_resume_after_kill_equals_uninterrupted(tmp_path, teacher_dir, data_files, reference_store, crash_at):
+    out = tmp_path / "s.zarr"
+    args = ["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out),
+            "--chunk-positions", "64", "--batch-size", "3"]
+    killed = run_cli(args, env={"FIRST_KD_CRASH_AT": crash_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    # a killed pass is never mistaken for a finished one: readers refuse it, saying how to resume
+    assert main(["inspect", str(out)]) == 1
+    with pytest.raises(FirstKDError, match="incomplete.*resume"):
+        open_store(out)
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert open_store(out).attrs["complete"] is True
+    assert_stores_equal(out, reference_store)
+
+
+def test_two_processes_equal_one(tmp_path, teacher_dir, data_files, reference_store):
+    out = tmp_path / "s.zarr"
+    # On a CPU-only host accelerate's torchrun launcher is reached through --multi_gpu; first-kd asks
+    # accelerate for CPU processes itself, so they talk over gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "first_kd.cli",
+           "cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out),
+           "--chunk-positions", "64", "--batch-size", "3"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, [l for l in result.stderr.splitlines() if "first-kd" in l or "Error" in l][:10]
+    assert_stores_equal(out, reference_store)
+
+
+def test_complete_store_not_overwritten_without_flag(tmp_path, teacher_dir, data_files, capsys):
+    out = tmp_path / "s.zarr"
+    assert cache(teacher_dir, data_files["mcqa"], out) == 0
+    before = read_arrays(out)
+    capsys.readouterr()
+    assert cache(teacher_dir, data_files["pr"], out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    after = read_arrays(out)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    assert cache(teacher_dir, data_files["pr"], out, "--overwrite") == 0
+    assert open_store(out).attrs["data"]["format"] == "prompt-response"
+
+
+def test_unfinished_store_with_other_settings_is_refused(tmp_path, teacher_dir, data_files):
+    out = tmp_path / "s.zarr"
+    args = ["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out)]
+    assert run_cli(args, env={"FIRST_KD_CRASH_AT": "planned"}).returncode == -9
+    other = run_cli(args + ["--k", "3"])
+    assert other.returncode == 2 and "other settings" in other.stderr and "k was 5, now 3" in other.stderr
+
+
+def test_yaml_config_with_flag_override(tmp_path, teacher_dir, data_files):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"cache:\n  teacher: {teacher_dir}\n  data: {data_files['pr']}\n  k: 3\n  batch_size: 2\n")
+    out = tmp_path / "s.zarr"
+    assert main(["cache", "--config", str(cfg), "--out", str(out), "k=4", "--k", "2"]) == 0
+    assert open_store(out).k == 2
+
+
+BAD_INPUTS = {
+    "missing field": ([{"id": "a", "question": "q?", "answerKey": "A"}], "choices"),
+    "answer not among choices": ([{"id": "a", "question": "q?", "choices": {"label": ["A", "B"], "text": ["x", "y"]},
+                                   "answerKey": "C"}], "answer"),
+    "empty dataset": ([], "empty"),
+    "prompt too long": ([{"id": "a", "prompt": " ".join(["cat"] * 400), "response": "dog"}], "max"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_one_line_error_and_no_store(tmp_path, teacher_dir, case):
+    records, needle = BAD_INPUTS[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "s.zarr"
+    result = run_cli(["cache", "--teacher", teacher_dir, "--data", str(data), "--out", str(out), "--max-length", "64"])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%" not in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert needle in lines[0].lower()
+    assert not out.exists()
+
+
+def test_missing_teacher_is_one_line(tmp_path, data_files):
+    result = run_cli(["cache", "--teacher", str(tmp_path / "nope"), "--data", str(data_files["pr"]),
+                      "--out", str(tmp_path / "s.zarr")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "cannot load" in result.stderr
+
+
+def test_real_csqa_layout_with_gpt2_tokenizer(tmp_path, shared_data):
+    """CommonsenseQA dev in the HF layout through the real GPT-2 tokenizer and a tiny GPT-2-vocab teacher."""
+    from transformers import GPT2TokenizerFast
+
+    from first_kd.tiny import build_llama
+
+    tok_dir = shared_data / "tokenizers" / "gpt2"
+    tokenizer = GPT2TokenizerFast(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"))
+    teacher = build_llama(tmp_path / "t", tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    out = tmp_path / "csqa.zarr"
+    assert cache(str(teacher), shared_data / "csqa" / "dev_rand_split.jsonl", out, "--limit", "24") == 0
+    store = open_store(out)
+    assert len(store) == 24 and store.n_positions == 24
+    assert store.attrs["data"]["choice_labels"][:5] == list("ABCDE")
+    # uint16 ids for a 50,257-token vocabulary
+    assert zarr.open_group(str(out))["topk_ids"].dtype == np.uint16
