@@ -1,0 +1,556 @@
+"""Distillation losses: sparse top-k KL, cross-entropy, their mix, and a chunked memory-efficient head.
+
+Every loss is a pure function of tensors; the trainer decides what the teacher distribution is. For
+FIRST it passes teacher probabilities with the store's temperature applied, for plain KD without it,
+both built by `first_kd.temperature`. The losses never see a temperature.
+
+Definitions (per target position, i.e. per row):
+  * KL: forward KL(p || q). p is the teacher's top-k distribution [k] over `teacher_ids`; q is the
+    student's full-vocabulary softmax restricted to the same ids and renormalised over them, which is
+    exactly softmax(student_logits[teacher_ids]), so no full softmax is needed. With
+    ``other_bucket=True`` p has k+1 entries, the last the teacher's mass outside the top-k, and q gets
+    the matching (k+1)-th category 1 - sum_k softmax(student_logits)[ids], computed in log space from
+    the logits outside the top-k, so it stays accurate when it is tiny. The student's rest log-mass
+    is floored at log(float32 tiny) (about -87): below that the category carries no gradient instead
+    of an infinite one (it only binds when k covers the whole vocabulary).
+  * CE: cross-entropy on the next-token ids, label smoothing as in torch.nn.functional.cross_entropy:
+    (1 - eps) * nll + eps * mean_over_vocab(-log q).
+  * mix: (1 - alpha) * KL + alpha * CE. Without a teacher the loss is CE, whatever alpha is.
+
+Which rows count (ignore conventions): a row is a target position when ``targets != ignore_index``
+(-100, the Hugging Face / PyTorch convention) and, if a boolean ``mask`` [N] is given, ``mask`` is True.
+Other rows (padding, prompt tokens) contribute nothing to the value or the gradient, whatever their
+teacher ids or probabilities hold (they may be garbage: out-of-range ids, NaN probabilities).
+
+Reduction: "mean" averages over all target positions of all sequences in the batch (a token-level
+mean, so a long sequence weighs more than a short one); it returns 0 when there are none, rather than
+NaN, so one all-padding micro-batch cannot poison training. "sum" lets a trainer that accumulates
+gradients over micro-batches divide by the total number of target positions of the whole accumulated
+batch, which makes accumulation equal to one big batch. "none" returns per-row losses (0 at ignored
+rows) in the leading shape of the inputs (full-logit functions only).
+
+Precision: all softmax / log / loss arithmetic is fp32 whatever the logits' dtype (bf16 / fp16 are
+upcast; float64 stays float64, which is what gradcheck needs). The chunked head
+runs its matmuls in the inputs' dtype (as the model's own lm_head would) and upcasts each chunk's logits.
+
+`chunked_distillation_loss` takes the final hidden states and the head weight instead of logits and
+never holds [N, V] logits for all rows: a custom autograd function computes each chunk's logits, loss
+and closed-form gradients in the forward pass, keeps only grad w.r.t. hidden [N, H] and head weight
+[V, H], and scales them by grad_output in backward. For the pure top-k KL (alpha = 0, no other
+bucket) the loss depends only on the k gathered logits, so the head is evaluated at the k ids only and
+the [N, V] matmul is skipped altogether.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+
+# log of the smallest normal fp32: the floor of the student's rest log-mass with other_bucket.
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks and row selection
+# ---------------------------------------------------------------------------------------------------
+
+
+def target_mask(
+    targets: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None, n_rows: Optional[int] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Which rows are target positions: [N] bool = (targets != ignore_index) & mask.
+
+    Args:
+        targets: [...] long next-token ids, or None (then every row counts unless masked).
+        mask: [...] bool (same leading shape), True where the row counts; None means all.
+        n_rows: number of rows, needed only when both are None.
+    """
+    if targets is not None:
+        valid = targets.reshape(-1) != ignore_index
+        if mask is not None:
+            valid = valid & mask.reshape(-1).to(torch.bool)
+        return valid
+    if mask is not None:
+        return mask.reshape(-1).to(torch.bool)
+    if n_rows is None:
+        raise ValueError("target_mask needs targets, mask or n_rows")
+    return torch.ones(n_rows, dtype=torch.bool)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp32 for half/bf16/fp32 inputs; float64 stays float64 (so gradcheck can run in double)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_options(alpha: float, label_smoothing: float, reduction: str) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (the weight of CE in the mix), got {alpha}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}: use one of {REDUCTIONS}")
+
+
+def _flat_teacher(teacher_ids, teacher_probs, n_rows: int, other_bucket: bool):
+    """Flatten teacher tensors to [N, k] / [N, k(+1)] and check they agree."""
+    if (teacher_ids is None) != (teacher_probs is None):
+        raise ValueError("pass both teacher_ids and teacher_probs, or neither (pure cross-entropy)")
+    if teacher_ids is None:
+        return None, None
+    if teacher_ids.is_floating_point() or teacher_ids.is_complex():
+        raise ValueError(f"teacher_ids must be integer token ids, got dtype {teacher_ids.dtype}")
+    k = teacher_ids.shape[-1]
+    ids = teacher_ids.reshape(-1, k).long()
+    probs = _upcast(teacher_probs.reshape(-1, teacher_probs.shape[-1]))
+    want = k + 1 if other_bucket else k
+    if ids.shape[0] != n_rows or probs.shape != (n_rows, want):
+        raise ValueError(
+            f"teacher shapes do not match: {n_rows} rows, teacher_ids {tuple(teacher_ids.shape)}, "
+            f"teacher_probs {tuple(teacher_probs.shape)}; teacher_probs needs last dim "
+            f"{want} (k{' + 1 with other_bucket' if other_bucket else ''})"
+        )
+    return ids, probs
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Ids of counted rows must be in range and distinct within a row (as torch.topk gives)."""
+    if ids.numel() == 0:
+        return
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(
+            f"teacher_ids out of range [0, {vocab_size}): the teacher store and student must share a "
+            "vocabulary (mask padding rows or set their targets to -100)"
+        )
+    s = ids.sort(dim=1).values
+    if bool((s[:, 1:] == s[:, :-1]).any()):
+        raise ValueError("teacher_ids repeat an id within a row: top-k ids must be distinct")
+
+
+def _check_targets(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> None:
+    t = targets[valid]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        raise ValueError(f"targets out of range [0, {vocab_size}): use {IGNORE_INDEX} for ignored rows")
+
+
+def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, lead_shape) -> torch.Tensor:
+    """rows [N] fp32 (already 0 at ignored rows) -> scalar, or [lead_shape] for "none"."""
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Full-logit losses (plain autograd)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _kl_rows(z: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, other_bucket: bool) -> torch.Tensor:
+    """KL(p || q) per row. z [N, V] fp32, ids [N, k], p [N, k] or [N, k+1] fp32 -> [N]."""
+    g = z.gather(1, ids)
+    if not other_bucket:
+        logq = torch.log_softmax(g, dim=-1)
+    else:
+        lse = torch.logsumexp(z, dim=-1)
+        # A finite sentinel, not -inf: when the ids cover the whole vocabulary the rest is empty and
+        # logsumexp over all -inf has a NaN gradient even where it is multiplied by zero.
+        rest = z.scatter(1, ids, torch.finfo(z.dtype).min)
+        log_other = (torch.logsumexp(rest, dim=-1) - lse).clamp(min=LOG_TINY)
+        logq = torch.cat([g - lse.unsqueeze(1), log_other.unsqueeze(1)], dim=1)
+    # xlogy: 0 * log 0 = 0, so teacher zeros (padding, empty rest) add nothing.
+    return torch.xlogy(p, p).sum(-1) - (p * logq).sum(-1)
+
+
+def _ce_rows(z: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy per row. z [N, V] fp32, targets [N] valid ids -> [N]."""
+    logp = torch.log_softmax(z, dim=-1)
+    nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    if label_smoothing == 0.0:
+        return nll
+    return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+
+
+def sparse_kl(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    other_bucket: bool = False,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Forward KL(teacher top-k || student on the same ids), see the module docstring.
+
+    Args:
+        student_logits: [N, V] (or [..., V]) student logits, any float dtype.
+        teacher_ids: [N, k] long top-k token ids.
+        teacher_probs: [N, k] teacher probabilities over the ids (summing to 1), or [N, k+1] with
+            the rest mass last when ``other_bucket``.
+        other_bucket: compare the (k+1)-category coarsening instead of renormalising over the ids.
+        reduction: "mean" over counted rows, "sum", or "none" ([...] per row).
+        mask: [N] bool, False for rows to ignore (padding).
+
+    Returns:
+        fp32 scalar, or [...] per-row losses for "none".
+    """
+    return distillation_loss(
+        student_logits, None, teacher_ids, teacher_probs, alpha=0.0, other_bucket=other_bucket,
+        reduction=reduction, mask=mask,
+    )
+
+
+def cross_entropy(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Cross-entropy, matching torch.nn.functional.cross_entropy (label smoothing included) except
+    that "mean" over zero counted rows is 0, not NaN.
+
+    Args:
+        student_logits: [N, V] (or [..., V]) logits, any float dtype (computed in fp32).
+        targets: [N] long ids; ``ignore_index`` (-100) rows are ignored.
+        label_smoothing: eps in [0, 1].
+        reduction: "mean" over counted rows, "sum", or "none".
+        mask: [N] bool, False for rows to ignore.
+
+    Returns:
+        fp32 scalar, or [...] per-row losses for "none".
+    """
+    return distillation_loss(
+        student_logits, targets, label_smoothing=label_smoothing, reduction=reduction, mask=mask,
+        ignore_index=ignore_index,
+    )
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    teacher_ids: Optional[torch.Tensor] = None,
+    teacher_probs: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+    other_bucket: bool = False,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """(1 - alpha) * KL + alpha * CE on full student logits; pure CE when teacher_* are None.
+
+    Args:
+        student_logits: [N, V] (or [..., V]) logits, any float dtype (computed in fp32).
+        targets: [N] long next-token ids (-100 = ignored row). May be None when no CE term is
+            needed (a teacher is given and alpha == 0); then only ``mask`` selects rows.
+        teacher_ids: [N, k] long, or None.
+        teacher_probs: [N, k] (or [N, k+1] with ``other_bucket``) probabilities, or None.
+        alpha: weight of CE in [0, 1].
+        other_bucket, label_smoothing, reduction, mask, ignore_index: see the module docstring.
+
+    Returns:
+        fp32 scalar, or [...] per-row losses for "none".
+    """
+    _check_options(alpha, label_smoothing, reduction)
+    lead_shape = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    z = _upcast(student_logits.reshape(-1, V))
+    N = z.shape[0]
+    ids, probs = _flat_teacher(teacher_ids, teacher_probs, N, other_bucket)
+    use_kl = ids is not None and alpha < 1.0
+    use_ce = ids is None or alpha > 0.0
+    if use_ce and targets is None:
+        raise ValueError("targets are needed for the cross-entropy term (alpha > 0 or no teacher)")
+    if targets is not None and targets.numel() != N:
+        raise ValueError(f"targets have {targets.numel()} rows but the logits {N}")
+    valid = target_mask(targets, mask, N, ignore_index).to(z.device)
+
+    rows = z.new_zeros(N)
+    if use_kl:
+        # Ignored rows may hold anything; neutral stand-ins keep NaN out of the (zero-weighted) grads.
+        ids = ids.masked_fill(~valid.unsqueeze(1), 0)
+        probs = probs.masked_fill(~valid.unsqueeze(1), 0.0)
+        _check_ids(ids[valid], V)
+        kl_weight = 1.0 - alpha if use_ce else 1.0
+        rows = rows + kl_weight * _kl_rows(z, ids, probs, other_bucket)
+    if use_ce:
+        _check_targets(targets.reshape(-1), valid, V)
+        t = targets.reshape(-1).masked_fill(~valid, 0)
+        ce_weight = alpha if use_kl else 1.0
+        rows = rows + ce_weight * _ce_rows(z, t, label_smoothing)
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return _reduce(rows, valid, reduction, lead_shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked head: closed-form gradients, never the full [N, V]
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dense_chunk(z, targets, ids, probs, alpha, eps, other_bucket, grad_scale):
+    """Loss and d(loss)/d(logits) for one chunk whose loss needs the full vocabulary.
+
+    z: [c, V] fp32 logits, a fresh buffer that is overwritten with the gradient.
+    targets: [c] or None (no CE); ids [c, k] / probs [c, k(+1)] or None (no KL).
+    grad_scale: factor folded into the gradient (the reduction's row weight); None = no gradient.
+    Returns (per-row losses [c] unweighted, gradient [c, V] fp32 or None).
+    """
+    V = z.shape[1]
+    use_ce = targets is not None
+    use_kl = ids is not None
+    w_kl = (1.0 - alpha) if use_ce else 1.0
+    w_ce = alpha if use_kl else 1.0
+    if use_ce:
+        z_t = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+        sum_z = z.sum(1) if eps > 0 else None
+    if use_kl:
+        g = z.gather(1, ids)
+        if other_bucket:
+            z.scatter_(1, ids, float("-inf"))  # z now holds the rest only; its max can be -inf
+    m = z.amax(1, keepdim=True)
+    if use_kl and other_bucket:
+        m = torch.maximum(m, g.amax(1, keepdim=True))
+    z.sub_(m).exp_()  # exp(z - m): q up to the row's normaliser, 0 at masked ids
+    s = z.sum(1)
+    if use_kl and other_bucket:
+        s_rest = s
+        s = s_rest + torch.exp(g - m).sum(1)
+    lse = m.squeeze(1) + s.log()
+
+    rows = z.new_zeros(z.shape[0])
+    if use_ce:
+        ce = lse - z_t if eps == 0 else lse - (1.0 - eps) * z_t - (eps / V) * sum_z
+        rows = rows + w_ce * ce
+    if use_kl:
+        entropy = torch.xlogy(probs, probs).sum(1)
+        if other_bucket:
+            pk, p_other = probs[:, :-1], probs[:, -1]
+            logq_ids = g - lse.unsqueeze(1)
+            log_other_raw = s_rest.log() - s.log()
+            log_other = log_other_raw.clamp(min=LOG_TINY)
+            kl = entropy - (pk * logq_ids).sum(1) - p_other * log_other
+        else:
+            logr = torch.log_softmax(g, dim=1)
+            kl = entropy - (probs * logr).sum(1)
+        rows = rows + w_kl * kl
+    if grad_scale is None:
+        return rows, None
+
+    # dKL/dz and dCE/dz (derivation: tests check them against autograd):
+    #   CE:            q - (1 - eps) onehot(t) - eps / V
+    #   KL, no bucket: at the ids only, P * softmax(g) - p           (P = sum p, 1 unless padding)
+    #   KL, bucket:    P * q - p at the ids, (P - p_other / q_other) * q on the rest
+    # The buffer holds exp(z - m) = q * s, so every "q on the buffer" term is one row scale.
+    scale = z.new_full((z.shape[0],), w_ce if use_ce else 0.0)
+    if use_kl:
+        P = probs.sum(1)
+        if other_bucket:
+            q_ids = torch.exp(logq_ids)
+            # p_other / q_other, dropped where the rest log-mass hit its floor (no gradient there).
+            ratio = torch.where(log_other_raw < LOG_TINY, torch.zeros_like(P), p_other * torch.exp(-log_other_raw))
+            scale = scale + w_kl * (P - ratio)
+            ids_vals = w_kl * (P.unsqueeze(1) * q_ids - pk)
+            if use_ce:
+                ids_vals = ids_vals + w_ce * q_ids  # the buffer is 0 at the masked ids
+        else:
+            ids_vals = w_kl * (P.unsqueeze(1) * torch.softmax(g, dim=1) - probs)
+    z.mul_((scale * grad_scale / s).unsqueeze(1))
+    if use_ce and eps > 0:
+        z.sub_(grad_scale * w_ce * eps / V)
+    if use_kl:
+        z.scatter_add_(1, ids, ids_vals * grad_scale)
+    if use_ce:
+        z.scatter_add_(1, targets.unsqueeze(1), z.new_full((z.shape[0], 1), -grad_scale * w_ce * (1.0 - eps)))
+    return rows, z
+
+
+def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket,
+                chunk_size, need_h, need_w, need_b):
+    """Loss (fp32 scalar) and its gradients w.r.t. hidden [N, H], weight [V, H], bias [V].
+
+    hidden [N, H] / weight [V, H] / bias [V] share the compute dtype; only counted rows are passed.
+    row_scale: the reduction's per-row weight, a float (1 / N for mean, 1 for sum).
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    math_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    wide = hidden.dtype == math_dtype  # no low-precision copies needed
+    loss = hidden.new_zeros((), dtype=math_dtype)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # fp32 accumulators: summing many low-precision chunk gradients in bf16 would lose bits.
+    grad_w = weight.new_zeros(weight.shape, dtype=math_dtype) if need_w else None
+    grad_b = weight.new_zeros((V,), dtype=math_dtype) if need_b else None
+    want_grad = need_h or need_w or need_b
+    sparse = ids is not None and targets is None and not other_bucket
+    for start in range(0, N, chunk_size):
+        sl = slice(start, min(start + chunk_size, N))
+        h = hidden[sl]
+        t = targets[sl] if targets is not None else None
+        if sparse:
+            # Only the k logits at the teacher ids enter the loss: evaluate the head there alone.
+            k = ids.shape[1]
+            flat_ids = ids[sl].reshape(-1)
+            w_ids = weight.index_select(0, flat_ids).view(-1, k, H)  # [c, k, H]
+            g = torch.bmm(w_ids, h.unsqueeze(2)).squeeze(2)
+            if bias is not None:
+                g = g + bias.index_select(0, flat_ids).view(-1, k)
+            g = g.to(math_dtype)
+            p = probs[sl].to(math_dtype)
+            logr = torch.log_softmax(g, dim=1)
+            rows = torch.xlogy(p, p).sum(1) - (p * logr).sum(1)
+            loss += rows.sum() * row_scale
+            if not want_grad:
+                continue
+            dg = (p.sum(1, keepdim=True) * logr.exp() - p) * row_scale  # [c, k] fp32
+            if need_h:
+                grad_h[sl] = torch.bmm(dg.to(hidden.dtype).unsqueeze(1), w_ids).squeeze(1)
+            if need_w:
+                grad_w.index_add_(0, flat_ids, (dg.unsqueeze(2) * h.to(math_dtype).unsqueeze(1)).reshape(-1, H))
+            if need_b:
+                grad_b.index_add_(0, flat_ids, dg.reshape(-1))
+            continue
+
+        z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        z = z.to(math_dtype)  # a no-op for fp32, so the in-place work below reuses the matmul's buffer
+        rows, dz = _dense_chunk(
+            z, t, ids[sl] if ids is not None else None, probs[sl] if probs is not None else None,
+            alpha, eps, other_bucket, row_scale if want_grad else None,
+        )
+        loss += rows.sum() * row_scale
+        if not want_grad:
+            continue
+        dz_c = dz if wide else dz.to(hidden.dtype)
+        if need_h:
+            torch.mm(dz_c, weight, out=grad_h[sl])
+        if need_w:
+            if wide:
+                grad_w.addmm_(dz_c.t(), h)
+            else:
+                grad_w.add_(torch.mm(dz_c.t(), h).to(math_dtype))
+        if need_b:
+            grad_b.add_(dz.sum(0))
+    return loss, grad_h, grad_w, grad_b
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss of hidden @ weight.T (+ bias) with gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket,
+                chunk_size, need_h, need_w, need_b):
+        loss, grad_h, grad_w, grad_b = _run_chunks(
+            hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket, chunk_size,
+            need_h, need_w, need_b,
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        # Out of place, so a second backward (retain_graph) sees the unscaled gradients again.
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        return (gh, gw, gb) + (None,) * 11
+
+
+def chunked_distillation_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    targets: Optional[torch.Tensor],
+    teacher_ids: Optional[torch.Tensor] = None,
+    teacher_probs: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+    other_bucket: bool = False,
+    label_smoothing: float = 0.0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+    head_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """`distillation_loss(hidden @ head_weight.T + head_bias, ...)` without materialising [N, V].
+
+    Args:
+        hidden: [N, H] (or [..., H]) final hidden states, e.g. ``model.model(...).last_hidden_state``
+            at the target positions; grad flows into it when it requires grad.
+        head_weight: [V, H] output embedding (``model.lm_head.weight``; may be tied to the input
+            embedding, autograd accumulates both uses).
+        targets: [N] long next-token ids (-100 = ignored), or None when no CE term is needed.
+        teacher_ids, teacher_probs, alpha, other_bucket, label_smoothing, mask, ignore_index:
+            as in `distillation_loss`.
+        chunk_size: rows per chunk; peak extra memory is about 2 * chunk_size * V fp32 values.
+        reduction: "mean" or "sum" ("none" is not offered: per-row losses would need the head's
+            gradient per row; use `distillation_loss` on logits for that).
+        head_bias: [V] or None.
+
+    Returns:
+        fp32 scalar. Differentiable w.r.t. hidden, head_weight and head_bias (once; no double grad).
+    """
+    _check_options(alpha, label_smoothing, reduction)
+    if reduction == "none":
+        raise ValueError("chunked_distillation_loss supports reduction 'mean' or 'sum'; "
+                         "use distillation_loss on logits for per-row losses")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    H = hidden.shape[-1]
+    if head_weight.dim() != 2 or head_weight.shape[1] != H:
+        raise ValueError(f"head_weight must be [V, {H}] to match hidden, got {tuple(head_weight.shape)}")
+    V = head_weight.shape[0]
+    if head_bias is not None and head_bias.shape != (V,):
+        raise ValueError(f"head_bias must be [{V}], got {tuple(head_bias.shape)}")
+    h = hidden.reshape(-1, H)
+    N = h.shape[0]
+    ids, probs = _flat_teacher(teacher_ids, teacher_probs, N, other_bucket)
+    use_kl = ids is not None and alpha < 1.0
+    use_ce = ids is None or alpha > 0.0
+    if use_ce and targets is None:
+        raise ValueError("targets are needed for the cross-entropy term (alpha > 0 or no teacher)")
+    if targets is not None and targets.numel() != N:
+        raise ValueError(f"targets have {targets.numel()} rows but hidden {N}")
+
+    valid = target_mask(targets, mask, N, ignore_index).to(h.device)
+    keep = valid.nonzero().squeeze(1)
+    n_valid = int(keep.numel())
+    t = targets.reshape(-1).long() if use_ce else None
+    if n_valid < N:  # drop ignored rows up front: no work and no garbage from them
+        h = h.index_select(0, keep)
+        t = t.index_select(0, keep) if t is not None else None
+        ids = ids.index_select(0, keep) if ids is not None else None
+        probs = probs.index_select(0, keep) if probs is not None else None
+    if not use_kl:
+        ids = probs = None
+    if ids is not None:
+        _check_ids(ids, V)
+    if t is not None:
+        _check_targets(t, torch.ones_like(t, dtype=torch.bool), V)
+    row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+
+    # One compute dtype for the matmuls (the wider of the two), outside any autocast region, so the
+    # chunked and unchunked losses see the same logits.
+    dtype = torch.promote_types(h.dtype, head_weight.dtype)
+    w = head_weight.to(dtype)
+    b = head_bias.to(dtype) if head_bias is not None else None
+    h = h.to(dtype)
+    need_h = torch.is_grad_enabled() and h.requires_grad
+    need_w = torch.is_grad_enabled() and w.requires_grad
+    need_b = torch.is_grad_enabled() and b is not None and b.requires_grad
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if not (need_h or need_w or need_b):
+            with torch.no_grad():
+                return _run_chunks(h, w, b, t, ids, probs, row_scale, alpha, label_smoothing,
+                                   other_bucket, chunk_size, False, False, False)[0]
+        return _ChunkedHeadLoss.apply(h, w, b, t, ids, probs, row_scale, alpha, label_smoothing,
+                                      other_bucket, chunk_size, need_h, need_w, need_b)

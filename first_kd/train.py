@@ -1,0 +1,852 @@
+"""`first-kd distill`: train a student on a teacher's cached top-k (FIRST / KD) or on tokens alone (CE).
+
+One straight training loop, nanoGPT style:
+
+    examples (store records or tokenized data) -> deterministic per-epoch permutation -> optimizer steps
+    each step: batch_size x grad_accum sequences, right-padded, body forward -> hidden states gathered
+    at the target positions only -> chunked loss against the head weight -> backward -> clip -> AdamW
+
+Losses (`--loss`):
+  * first: forward KL to the teacher's top-k distribution *after the store's recorded temperature*
+    (`first-kd calibrate` writes it). A store with no temperature record makes `first` equal to `kd`:
+    we warn and proceed, so a pipeline without calibration still runs end to end.
+  * kd:    the same KL against the raw (renormalised) top-k, no temperature.
+  * ce:    cross-entropy on the target tokens, from `--data` (tokenized with the student's tokenizer) or
+           from `--store` (its stored tokens). The same command fine-tunes a teacher.
+  `--alpha` mixes CE into the KL losses: (1 - alpha) * KL + alpha * CE.
+
+The loss is a mean over all target positions of the *accumulated* batch: every micro-batch's summed
+loss is divided by the target count of the whole optimizer step, so batch b x grad_accum 2 takes the
+same step as one batch of 2b (up to float rounding), and long sequences weigh more than short ones.
+
+Output directory:
+    OUT/config.yaml           the run's options (a re-run with different options is refused)
+    OUT/metrics.jsonl         one JSON line per logged step (step, loss, lr, tokens_per_s, val_* ...)
+    OUT/checkpoints/step-N/   model.safetensors + trainer_state.pt (optimizer, scheduler, RNG, step);
+                              written to a temp dir and renamed, only the newest complete one is kept
+    OUT/model/                the trained model (safetensors) + tokenizer, for from_pretrained
+    OUT/summary.json          written last: its presence means the run finished
+    OUT/tensorboard/          when the tensorboard package is installed
+
+Resume: re-running the same command after a crash (even kill -9) continues from the newest checkpoint;
+the data order is a permutation seeded by (seed, epoch), so the position is just the step number, and
+on CPU the result is bitwise the same as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from first_kd.config import option, save_yaml, to_dict
+from first_kd.data import DataConfig
+from first_kd.errors import FirstKDError
+from first_kd.losses import chunked_distillation_loss, distillation_loss
+from first_kd.temperature import distribution_from_record
+
+# Options that change how a run is observed or saved, not what it computes: a resumed run may change them.
+RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "keep_checkpoints")
+
+CHECKPOINT_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(kw_only=True)
+class DistillConfig(DataConfig):
+    student: str = option(help="student model: a local directory or a hub id (AutoModelForCausalLM)")
+    out: str = option(help="run directory: model/, checkpoints/, metrics.jsonl, config.yaml")
+    loss: Literal["first", "kd", "ce"] = option(
+        "first", help="first: KL to the temperature-calibrated teacher top-k; kd: KL without temperature; "
+                      "ce: plain fine-tuning on the target tokens")
+    store: Optional[str] = option(None, help="teacher top-k store from `first-kd cache` (needed by first/kd; "
+                                             "ce trains on its tokens when --data is not given)")
+    alpha: float = option(0.0, help="weight of CE mixed into the KL losses: (1 - alpha) * KL + alpha * CE")
+    other_bucket: bool = option(False, help="add a (k+1)-th category with the teacher mass outside the top-k")
+    label_smoothing: float = option(0.0, help="label smoothing of the CE term")
+    epochs: int = option(1, help="passes over the training examples (ignored when --max-steps > 0)")
+    max_steps: int = option(0, help="optimizer steps to run; 0 = as many as --epochs take")
+    batch_size: int = option(8, help="sequences per micro-batch (per device)")
+    grad_accum: int = option(1, help="micro-batches accumulated per optimizer step")
+    lr: float = option(2e-5, help="peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, help="AdamW weight decay (matrices only; norms and biases are not decayed)")
+    warmup: float = option(0.03, help="warmup: a fraction of the steps when < 1, else a number of steps")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", help="learning-rate decay after warmup")
+    max_grad_norm: float = option(1.0, help="clip the gradient norm to this; 0 = no clipping")
+    save_every: int = option(500, help="optimizer steps between checkpoints (0 = no intermediate checkpoints)")
+    eval_every: int = option(0, help="optimizer steps between validations (0 = only at the end)")
+    val_store: Optional[str] = option(None, help="held-out teacher store for validation (loss, accuracy, ECE)")
+    val_data: Optional[str] = option(None, help="held-out data file for validation (same data options as --data)")
+    val_split: Optional[str] = option(None, help="split of --val-data when it holds several (default: --split)")
+    val_limit: Optional[int] = option(None, help="validate on the first N held-out records only")
+    seed: int = option(0, help="seed of the data order and of every random number generator")
+    mixed_precision: Literal["auto", "no", "bf16"] = option(
+        "auto", help="auto = bf16 autocast on a GPU that supports it, else fp32")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = option(
+        "float32", help="dtype the student's weights are loaded and trained in; float32 + bf16 autocast is the "
+                        "safe default, auto = pure bfloat16 on a GPU that supports it")
+    gradient_checkpointing: bool = option(False, help="recompute activations in backward to save memory")
+    chunk_size: int = option(1024, help="target positions per chunk of the memory-efficient loss")
+    log_every: int = option(10, help="optimizer steps between lines of metrics.jsonl")
+    keep_checkpoints: bool = option(False, help="keep a checkpoint of the last step (with optimizer state) "
+                                                        "after finishing")
+    overwrite: bool = option(False, help="discard an existing run in --out and start over")
+
+    def validate(self) -> None:
+        parent = getattr(super(), "validate", None)
+        if parent is not None:
+            parent()
+        if not self.student:
+            raise FirstKDError("give the student model: --student PATH_OR_HUB_ID")
+        if not self.out:
+            raise FirstKDError("give the run directory: --out DIR")
+        if self.loss in ("first", "kd") and not self.store:
+            raise FirstKDError(f"--loss {self.loss} needs --store (a teacher cache from `first-kd cache`); "
+                               "for plain fine-tuning use --loss ce --data FILE")
+        if self.loss == "ce" and not (self.data or self.store):
+            raise FirstKDError("--loss ce needs --data FILE (or --store STORE to train on its tokens)")
+        if self.val_store and self.val_data:
+            raise FirstKDError("give one of --val-store and --val-data, not both")
+        checks = [
+            (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1]; got {self.alpha}"),
+            (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1); got {self.label_smoothing}"),
+            (self.epochs >= 1 or self.max_steps > 0, f"--epochs must be >= 1; got {self.epochs}"),
+            (self.max_steps >= 0, f"--max-steps must be >= 0; got {self.max_steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
+            (self.grad_accum >= 1, f"--grad-accum must be >= 1; got {self.grad_accum}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a finite number > 0; got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0; got {self.weight_decay}"),
+            (self.warmup >= 0, f"--warmup must be >= 0; got {self.warmup}"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0; got {self.max_grad_norm}"),
+            (self.save_every >= 0, f"--save-every must be >= 0; got {self.save_every}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0; got {self.eval_every}"),
+            (self.log_every >= 1, f"--log-every must be >= 1; got {self.log_every}"),
+            (self.chunk_size >= 1, f"--chunk-size must be >= 1; got {self.chunk_size}"),
+            (self.val_limit is None or self.val_limit >= 1, f"--val-limit must be >= 1; got {self.val_limit}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FirstKDError(message)
+
+
+def _warn(message: str) -> None:
+    print(f"first-kd distill: warning: {message}", file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    print(f"first-kd distill: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples: one dict per sequence, from a store or from tokenized data
+# ----------------------------------------------------------------------------------------------
+# Each example: input_ids int64 [L], target_positions int64 [n] (logits at t predict input_ids[t+1]),
+# and for store examples topk_ids int64 [n, k] + teacher_probs float32 [n, k or k+1];
+# answer_index / n_choices for multiple-choice data (-1 / 0 otherwise).
+
+
+class StoreExamples:
+    """A teacher store as training examples, with the teacher distribution after `temperature`
+    (a store temperature record; {} = none), computed by first_kd.temperature."""
+
+    def __init__(self, store, temperature: dict, other_bucket: bool):
+        self.store = store
+        self.temperature = temperature
+        self.other_bucket = other_bucket
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.store.get(int(i), temperature=False)
+        teacher_probs = distribution_from_record(torch.from_numpy(rec["topk_logprobs"]), self.temperature,
+                                                 self.other_bucket)
+        return {
+            "input_ids": rec["input_ids"],
+            "target_positions": rec["target_positions"],
+            "topk_ids": rec["topk_ids"],
+            "teacher_probs": teacher_probs,
+            "answer_index": int(rec.get("answer_index", -1)),
+            "n_choices": int(rec.get("n_choices", 0)),
+        }
+
+
+class DataExamples:
+    """Tokenized records from first_kd.data: the targets are input_ids[target_start:]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[int(i)]
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        return {
+            "input_ids": ids,
+            "target_positions": np.arange(int(row["target_start"]) - 1, len(ids) - 1, dtype=np.int64),
+            "topk_ids": None,
+            "teacher_probs": None,
+            "answer_index": int(row.get("answer_index", -1)),
+            "n_choices": int(row.get("n_choices", 0)),
+        }
+
+
+def collate(examples: list[dict], pad_id: int, use_teacher: bool) -> dict:
+    """Right-pad a list of examples into one batch.
+
+    Returns tensors:
+        input_ids [B, S] long, attention_mask [B, S] long,
+        rows [N] long: index into the flattened [B * S] hidden states of each target position,
+        targets [N] long: the token each target position must predict,
+        first_row [B] long: the row of each sequence's first target (the answer of a multiple-choice item),
+        teacher_ids [N, k] long and teacher_probs [N, k'] float32 when use_teacher, else None,
+        answer_index [B], n_choices [B] long, n_tokens: int (non-pad tokens).
+    """
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    rows, targets, first_row = [], [], []
+    n_rows = 0
+    for b, e in enumerate(examples):
+        ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
+        pos = torch.as_tensor(e["target_positions"], dtype=torch.long)
+        input_ids[b, : len(ids)] = ids
+        attention_mask[b, : len(ids)] = 1
+        rows.append(b * width + pos)
+        targets.append(ids[pos + 1])
+        first_row.append(n_rows)
+        n_rows += len(pos)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "rows": torch.cat(rows),
+        "targets": torch.cat(targets),
+        "first_row": torch.tensor(first_row, dtype=torch.long),
+        "answer_index": torch.tensor([e["answer_index"] for e in examples], dtype=torch.long),
+        "n_choices": torch.tensor([e["n_choices"] for e in examples], dtype=torch.long),
+        "n_tokens": int(attention_mask.sum()),
+        "teacher_ids": None,
+        "teacher_probs": None,
+    }
+    if use_teacher:
+        batch["teacher_ids"] = torch.cat([torch.as_tensor(e["topk_ids"], dtype=torch.long) for e in examples])
+        batch["teacher_probs"] = torch.cat([torch.as_tensor(e["teacher_probs"], dtype=torch.float32)
+                                            for e in examples])
+    return batch
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n examples in `epoch`: a pure function of (seed, epoch), so a resumed run
+    finds its place from the step number alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: hidden states at target positions only, loss against the output head
+# ----------------------------------------------------------------------------------------------
+
+
+def _body(model):
+    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...)."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise FirstKDError(f"{type(model).__name__} exposes no transformer body (base_model): use a causal LM "
+                           "with a separate output head (AutoModelForCausalLM)")
+    return body
+
+
+def target_hidden(model, batch: dict) -> torch.Tensor:
+    """Last hidden states at the batch's target positions: [N, H]. Never builds [B, S, V] logits."""
+    out = _body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden.flatten(0, 1).index_select(0, batch["rows"])
+
+
+class TargetPositionLoss(torch.nn.Module):
+    """The student plus its loss as one module, so DDP and accelerate's autocast wrap the whole
+    forward (body, gather and loss) rather than only the causal LM's own forward, which we bypass."""
+
+    def __init__(self, model, alpha: float, other_bucket: bool, label_smoothing: float, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.alpha, self.other_bucket = alpha, other_bucket
+        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Summed (not averaged) loss over the batch's target positions: a scalar."""
+        hidden = target_hidden(self.model, batch)
+        head = self.model.get_output_embeddings()
+        return chunked_distillation_loss(
+            hidden, head.weight, batch["targets"],
+            teacher_ids=batch["teacher_ids"], teacher_probs=batch["teacher_probs"],
+            alpha=self.alpha, other_bucket=self.other_bucket, label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size, reduction="sum", head_bias=getattr(head, "bias", None),
+        )
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, examples, pad_id: int, cfg: DistillConfig, use_teacher: bool, choice_token_ids: list[int],
+             device) -> dict:
+    """Loss, accuracy and calibration on held-out examples.
+
+    val_loss is the training objective when the held-out set has the teacher (a store), else CE;
+    val_ce is always the CE of the target tokens. Multiple-choice data (choice_token_ids given):
+    accuracy / ECE at the answer position with the probabilities renormalised over the option letters
+    of each item. Otherwise token-level: top-1 over the whole vocabulary at every target position.
+    """
+    from first_kd.metrics import CalibrationAccumulator
+
+    was_training = model.training
+    model.eval()
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    acc = CalibrationAccumulator()
+    mcqa = bool(choice_token_ids)
+    choice_ids = torch.tensor(choice_token_ids, dtype=torch.long, device=device) if mcqa else None
+    loss_sum = ce_sum = 0.0
+    n_rows = 0
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = collate([examples[i] for i in range(start, min(start + cfg.batch_size, len(examples)))],
+                        pad_id, use_teacher)
+        batch = _to_device(batch, device)
+        hidden = target_hidden(model, batch)  # [N, H]
+        for lo in range(0, hidden.shape[0], cfg.chunk_size):
+            sl = slice(lo, lo + cfg.chunk_size)
+            logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()  # [c, V]
+            targets = batch["targets"][sl]
+            loss_sum += float(distillation_loss(
+                logits, targets,
+                teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
+                teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
+                alpha=cfg.alpha, other_bucket=cfg.other_bucket, label_smoothing=cfg.label_smoothing,
+                reduction="sum"))
+            ce_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            if not mcqa:
+                probs = torch.softmax(logits, dim=-1)
+                conf, pred = probs.max(dim=-1)
+                acc.update_confidence(conf.cpu().numpy(), (pred == targets).cpu().numpy(),
+                                      probs.gather(1, targets[:, None])[:, 0].cpu().numpy())
+        n_rows += hidden.shape[0]
+        if mcqa:
+            answer_hidden = hidden.index_select(0, batch["first_row"])  # [B, H]
+            logits = torch.nn.functional.linear(answer_hidden, weight[choice_ids],
+                                                None if bias is None else bias[choice_ids]).float()  # [B, C]
+            n_choices = batch["n_choices"].clamp(min=1, max=len(choice_token_ids))
+            absent = torch.arange(len(choice_token_ids), device=device)[None, :] >= n_choices[:, None]
+            probs = torch.softmax(logits.masked_fill(absent, float("-inf")), dim=-1)
+            acc.update(probs.cpu().numpy(), batch["answer_index"].cpu().numpy())
+    if was_training:
+        model.train()
+    summary = acc.compute()
+    result = {"val_loss": loss_sum / max(n_rows, 1), "val_ce": ce_sum / max(n_rows, 1)}
+    for key in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n"):
+        if key in summary:
+            result[f"val_{key}"] = summary[key]
+    result["val_level"] = "answer" if mcqa else "token"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory: config check, checkpoints, final model
+# ----------------------------------------------------------------------------------------------
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    # Round-trip through YAML so tuples/lists and numbers compare the way the file stores them.
+    d = yaml.safe_load(yaml.safe_dump(cfg_dict, sort_keys=True))
+    return {k: v for k, v in d.items() if k not in RESUME_FREE_OPTIONS}
+
+
+def check_run_dir(out: Path, cfg: DistillConfig) -> None:
+    """Refuse to mix two different runs in one directory (one line naming the differences)."""
+    saved_path = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise FirstKDError(f"--out {out} is a file: give a directory for the run")
+    if not saved_path.is_file():
+        if out.exists() and any(out.iterdir()) and not (out / "checkpoints").exists():
+            foreign = sorted(p.name for p in out.iterdir())[:5]
+            raise FirstKDError(f"--out {out} is not empty and holds no first-kd run ({', '.join(foreign)} ...): "
+                               "choose a new --out")
+        return
+    saved = _comparable(yaml.safe_load(saved_path.read_text()) or {})
+    current = _comparable(to_dict(cfg))
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
+        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise FirstKDError(f"--out {out} holds a run with different options ({diffs}{more}): "
+                           "use a new --out, or --overwrite to discard it")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove what a previous run wrote (and only that: never a user's other files)."""
+    for name in ("checkpoints", "model", "tensorboard", ".model.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temp dir of an interrupted save is never one of them)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.pt").is_file() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
+    """Write step N's checkpoint atomically: fill a temp dir, fsync, rename, then drop older ones."""
+    from safetensors.torch import save_model
+
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state()}, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(out):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint; return its step."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        # Our own file (optimizer state and RNG tuples are not plain tensors), so a full unpickle.
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        raise FirstKDError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); delete it to resume "
+                           "from an older one, or start over with --overwrite") from None
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines a killed run logged after its last checkpoint: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line torn by the kill, and nothing valid can follow it
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_final_model(out: Path, model, tokenizer) -> Path:
+    """save_pretrained into a temp dir, then swap it in, so OUT/model is never half written."""
+    tmp, final = out / ".model.tmp", out / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def _forget_previous_accelerator() -> None:
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
+    # a pipeline calling run_distill twice in one process (the demo, tests) must be able to. The
+    # distributed part (PartialState) is kept: it is the same process group either way.
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+    except (ImportError, AttributeError):
+        pass
+
+
+def load_student(cfg: DistillConfig, device):
+    """Student model (in train mode) and tokenizer, with the shared one-line load errors."""
+    from first_kd.models import load_model, load_tokenizer, resolve_dtype
+
+    tokenizer = load_tokenizer(cfg.student)
+    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device)
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        raise FirstKDError(f"{type(model).__name__} transforms its logits after the output head (soft-capping "
+                           "or scaling), which the target-position loss does not reproduce: use another student")
+    if model.get_output_embeddings() is None:
+        raise FirstKDError(f"{type(model).__name__} has no output head: use a causal LM (AutoModelForCausalLM)")
+    return model.train(), tokenizer
+
+
+def _open_store(path: str, tokenizer, model):
+    from first_kd.store import check_tokenizer, open_store
+
+    store = open_store(path)
+    check_tokenizer(store, tokenizer, model_vocab_size=model.get_output_embeddings().weight.shape[0])
+    return store
+
+
+def _store_choice_ids(store) -> list[int]:
+    """Option-letter token ids of a multiple-choice store ([] for prompt-response)."""
+    data = store.attrs.get("data") or {}
+    fmt = data.get("format", store.attrs.get("data_format"))
+    if fmt != "mcqa":
+        return []
+    ids = data.get("choice_token_ids", store.attrs.get("choice_token_ids"))
+    return [int(i) for i in ids or []]
+
+
+def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) -> tuple[DataExamples, list[int]]:
+    from first_kd.data import prepare_dataset
+
+    dcfg = dataclasses.replace(cfg, data=data, split=split, limit=limit)
+    dataset, info = prepare_dataset(dcfg, tokenizer)
+    if info.get("n_truncated"):
+        _warn(f"{info['n_truncated']} of {len(dataset)} records of {data} were truncated to --max-length "
+              f"{cfg.max_length}")
+    choice_ids = list(info.get("choice_token_ids") or []) if info.get("format") == "mcqa" else []
+    return DataExamples(dataset), choice_ids
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    # Decay matrices (embeddings, projections) only: decaying norm gains and biases only hurts (nanoGPT).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _summary_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def run_distill(cfg: DistillConfig) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    out = Path(cfg.out)
+    if cfg.overwrite:
+        clear_run_dir(out)
+    check_run_dir(out, cfg)
+    summary_path = out / "summary.json"
+    if summary_path.is_file():
+        done = json.loads(summary_path.read_text())
+        _say(f"{out} already holds a finished run ({done.get('steps')} steps, model in {out / 'model'}): "
+             "nothing to do; use --overwrite to train again")
+        return 0
+
+    _forget_previous_accelerator()
+    # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    # --- student and training examples ---------------------------------------------------------
+    model, tokenizer = load_student(cfg, accelerator.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    use_teacher = cfg.loss in ("first", "kd")
+    temperature = {}
+    if use_teacher or not cfg.data:
+        store = _open_store(cfg.store, tokenizer, model)
+        temperature = store.temperature if cfg.loss == "first" else {}
+        if cfg.loss == "first" and not temperature:
+            _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
+                  "`first-kd calibrate` on it first to distil calibrated targets (proceeding uncalibrated)")
+        train = StoreExamples(store, temperature, cfg.other_bucket)
+        if cfg.data:
+            _warn(f"--data {cfg.data} is not used: --loss {cfg.loss} trains on the tokens of --store")
+    else:
+        if cfg.store:
+            _say(f"--loss ce trains on --data {cfg.data}; --store {cfg.store} is not used")
+        train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit)
+    if len(train) == 0:
+        raise FirstKDError("no training examples: check --data / --store and --limit")
+
+    val, val_teacher, val_choice_ids = None, False, []
+    if cfg.val_store:
+        val_store = _open_store(cfg.val_store, tokenizer, model)
+        # Validate against the same targets as training: the training store's temperature for `first`.
+        val = StoreExamples(val_store, temperature, cfg.other_bucket)
+        val_teacher, val_choice_ids = use_teacher, _store_choice_ids(val_store)
+        if cfg.val_limit:
+            val = _Subset(val, cfg.val_limit)
+    elif cfg.val_data:
+        val, val_choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split,
+                                             cfg.val_limit)
+
+    # --- schedule --------------------------------------------------------------------------------
+    world = accelerator.num_processes
+    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
+    steps_per_epoch = math.ceil(len(train) / step_examples)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
+
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    schedule = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    device = accelerator.device
+
+    # --- resume ------------------------------------------------------------------------------------
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    start_step = 0
+    if main:
+        if not (out / "config.yaml").exists():
+            save_yaml(cfg, out / "config.yaml")
+        for stale in (out / "checkpoints").glob(f"{TMP_PREFIX}*") if (out / "checkpoints").is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # a save interrupted by a kill
+    checkpoints = list_checkpoints(out)
+    last_good = checkpoints[-1] if checkpoints else None
+    if last_good is not None:
+        start_step = load_checkpoint(last_good, accelerator.unwrap_model(loss_module).model, optimizer, scheduler)
+        if main:
+            _truncate_metrics(metrics_path, start_step)
+            _say(f"resuming from {last_good} (step {start_step} of {total_steps})")
+    elif main:
+        metrics_path.unlink(missing_ok=True)
+    if main:
+        _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
+             f"{step_examples} sequences, lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
+             f"mixed precision {accelerator.mixed_precision}, device {device}")
+
+    writer = _summary_writer(out) if main else None
+    student = accelerator.unwrap_model(loss_module).model
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+
+    def log(record: dict) -> None:
+        if not main:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["step"])
+
+    def validate_now() -> dict:
+        # On the main process only (the others wait): held-out sets are small next to training.
+        if val is None or not main:
+            return {}
+        return evaluate(student, val, pad_id, cfg, val_teacher, val_choice_ids, device)
+
+    # --- the loop ----------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"distill ({cfg.loss})", disable=not main,
+               dynamic_ncols=True)
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    last_record: dict = {}
+    perm, perm_epoch = None, -1
+    try:
+        for step in range(start_step, total_steps):
+            epoch, index_in_epoch = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = epoch_permutation(len(train), cfg.seed, epoch), epoch
+            # This step's sequences, this process's share, cut into micro-batches.
+            step_ids = perm[index_in_epoch * step_examples: (index_in_epoch + 1) * step_examples]
+            mine = step_ids[accelerator.process_index::world]
+            micro = [collate([train[i] for i in mine[j: j + cfg.batch_size]], pad_id, use_teacher)
+                     for j in range(0, len(mine), cfg.batch_size)]
+            # Normalise by the target count of the whole accumulated step (all processes), not per
+            # micro-batch: that is what makes accumulation equal one big batch. DDP averages gradients
+            # over processes, hence the factor `world`.
+            n_targets = torch.tensor(sum(len(b["targets"]) for b in micro), device=device)
+            total_targets = int(accelerator.reduce(n_targets, reduction="sum")) if world > 1 else int(n_targets)
+            scale = world / max(total_targets, 1)
+
+            step_loss_sum = torch.zeros((), device=device)
+            for j, batch in enumerate(micro):
+                batch = _to_device(batch, device)
+                # Gradients are all-reduced only after the last micro-batch.
+                sync = accelerator.no_sync(loss_module) if j < len(micro) - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = loss_module(batch) * scale
+                    accelerator.backward(loss)
+                step_loss_sum += loss.detach()
+                window_tokens += batch["n_tokens"]
+            # Checked before the optimizer step, so a NaN never reaches the weights (one sync per step).
+            step_loss = step_loss_sum.item() / world
+            if not math.isfinite(step_loss):
+                raise _diverged(out, step, step_loss, cfg.lr, last_good)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norm = float(grad_norm)
+            if not math.isfinite(grad_norm):
+                raise _diverged(out, step, grad_norm, cfg.lr, last_good, what="gradient norm")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum"))
+
+            done = step + 1
+            window_loss += step_loss
+            window_steps += 1
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens * world / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+            is_last = done == total_steps
+            record = {}
+            if done % cfg.log_every == 0 or is_last:
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": window_loss / window_steps,
+                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+                window_loss, window_steps, window_tokens = 0.0, 0, 0
+            if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+                metrics = validate_now()
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **record, **metrics}
+                if main and metrics:
+                    bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}, accuracy "
+                              f"{metrics.get('val_accuracy', float('nan')):.4f}, ECE {metrics.get('val_ece', float('nan')):.4f}")
+                accelerator.wait_for_everyone()
+            if record:
+                log(record)
+                last_record = record
+            # The last step is saved as OUT/model; its optimizer state only when asked to keep it.
+            periodic = cfg.save_every and done % cfg.save_every == 0 and not is_last
+            if periodic or (is_last and cfg.keep_checkpoints):
+                accelerator.wait_for_everyone()
+                if main:
+                    last_good = save_checkpoint(out, done, student, optimizer, scheduler)
+                else:
+                    last_good = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:08d}"
+                accelerator.wait_for_everyone()
+            if record:  # the next window's throughput counts training only, not validation or saving
+                window_start = time.perf_counter()
+    finally:
+        bar.close()  # also when a divergence error leaves the loop
+
+    # --- output --------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main:
+        model_dir = save_final_model(out, student, tokenizer)
+        summary = {"finished": True, "steps": total_steps, "loss": cfg.loss, "temperature": temperature,
+                   "examples": len(train), "final": last_record, "model": str(model_dir)}
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, summary_path)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if writer is not None:
+            writer.close()
+        _say(f"done: {total_steps} steps; model in {model_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+class _Subset:
+    """The first n examples of a collection."""
+
+    def __init__(self, examples, n: int):
+        self.examples, self.n = examples, min(n, len(examples))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.examples[i]
+
+
+def _diverged(out: Path, step: int, value: float, lr: float, last_good: Optional[Path],
+              what: str = "loss") -> FirstKDError:
+    kept = (f"the last good checkpoint is {last_good} (re-running resumes from it)" if last_good is not None
+            else "no checkpoint was saved yet")
+    return FirstKDError(f"{what} became {value} at step {step + 1}: training stopped, {kept}; lower --lr "
+                        f"(now {lr:g}) or --max-grad-norm, or check the data")

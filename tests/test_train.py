@@ -1,0 +1,429 @@
+"""`first-kd distill` end to end on 2-layer tiny Llama models (CPU, seconds each).
+
+What is checked, and against what:
+  * every loss trains: the logged loss falls on a learnable task, OUT/model reloads with
+    from_pretrained, config.yaml round-trips the options, metrics.jsonl has one line per logged step;
+  * validation numbers equal an independent oracle: full HF logits of the student, the teacher top-k
+    read from the store and the temperature applied by hand, KL/CE written out here;
+  * resume after SIGKILL of a subprocess gives bitwise the same weights and losses as a run that was
+    never interrupted; a finished run is not retrained;
+  * grad accumulation 2 x b takes the same steps as one batch of 2b on sequences of unequal length
+    (where averaging per micro-batch would weigh positions differently);
+  * NaN / inf stop the run with a one-line error and leave the last good checkpoint intact;
+  * tokenizer guards; the CLI with --config YAML + key=value + flag overrides and its one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import first_kd.train as train_mod
+from first_kd.errors import FirstKDError
+from first_kd.train import DistillConfig, run_distill
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "cat dog bird tree house river stone cloud apple water light paper music table green".split()
+LETTERS = "ABCDE"
+TEMPERATURE = {"form": "prob", "value": 0.5}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models are fastest on one thread, and two threads per process on a busy 2-core CI machine
+    # spin against each other (10x slower measured). Subprocesses get OMP_NUM_THREADS=1 to match.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_tokenizer):
+    """Tiny student and teacher (same tokenizer), data files and teacher stores, built once."""
+    from first_kd.store import set_temperature
+    from first_kd.teacher import CacheConfig, run_cache
+    from first_kd.tiny import build_llama
+
+    root = tmp_path_factory.mktemp("train")
+    rng = random.Random(0)
+    # Copy task with responses of 1..6 words: learnable, and sequences of unequal length.
+    copy_rows = []
+    for i in range(32):
+        words = " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))
+        copy_rows.append({"id": f"c{i}", "prompt": f"copy: {words}\n", "response": words})
+    mc_rows = []
+    for i in range(32):
+        options = rng.sample(WORDS, 5)
+        gold = rng.randrange(5)
+        mc_rows.append({"id": f"q{i}", "question": f"which is {options[gold]}?", "choices": options,
+                        "answer": LETTERS[gold]})
+    w = {"root": root, "tok": tiny_tokenizer}
+    w["copy"] = _write_jsonl(root / "copy.jsonl", copy_rows)
+    w["mc_train"] = _write_jsonl(root / "mc_train.jsonl", mc_rows[:24])
+    w["mc_val"] = _write_jsonl(root / "mc_val.jsonl", mc_rows[24:])
+    w["student"] = build_llama(root / "student", tiny_tokenizer, hidden_size=64, num_layers=2, seed=0)
+    w["teacher"] = build_llama(root / "teacher", tiny_tokenizer, hidden_size=64, num_layers=2, seed=1)
+    w["store"] = root / "copy.zarr"
+    w["val_store"] = root / "mc_val.zarr"
+    run_cache(CacheConfig(teacher=str(w["teacher"]), data=str(w["copy"]), out=str(w["store"])))
+    run_cache(CacheConfig(teacher=str(w["teacher"]), data=str(w["mc_val"]), out=str(w["val_store"])))
+    w["store_t"] = root / "copy-calibrated.zarr"
+    shutil.copytree(w["store"], w["store_t"])
+    set_temperature(w["store_t"], TEMPERATURE)
+    return w
+
+
+def _cfg(w, out: Path, **kw) -> DistillConfig:
+    values = dict(student=str(w["student"]), out=str(out), loss="kd", store=str(w["store"]), max_steps=4,
+                  batch_size=4, lr=3e-3, warmup=0, log_every=1, save_every=0, seed=0)
+    values.update(kw)
+    return DistillConfig(**values)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config guards (no training)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(loss="first", store=None), "needs --store"),
+    (dict(loss="kd", store=None), "needs --store"),
+    (dict(loss="ce", store=None, data=None), "needs --data"),
+    (dict(alpha=1.5), "--alpha"),
+    (dict(grad_accum=0), "--grad-accum"),
+    (dict(val_store="a", val_data="b"), "not both"),
+])
+def test_config_errors_are_one_line(kw, needle):
+    values = dict(student="s", out="o", loss="kd", store="x.zarr")
+    values.update(kw)
+    with pytest.raises(FirstKDError) as e:
+        DistillConfig(**values).validate()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each loss end to end
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["first", "kd", "ce"])
+def test_each_loss_trains_and_saves_a_loadable_model(world, tmp_path, loss, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / loss
+    if loss == "ce":  # plain fine-tuning from a data file, validated on held-out multiple-choice data
+        cfg = _cfg(world, out, loss="ce", store=None, data=str(world["copy"]), val_data=str(world["mc_val"]),
+                   max_steps=24, eval_every=12)
+    else:
+        store = world["store_t"] if loss == "first" else world["store"]
+        cfg = _cfg(world, out, loss=loss, store=str(store), val_store=str(world["val_store"]), max_steps=24,
+                   eval_every=12)
+    assert run_distill(cfg) == 0
+    assert "no temperature record" not in capsys.readouterr().err  # the calibrated store was used
+
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[0])
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    first3 = sum(r["loss"] for r in rows[:3]) / 3
+    last3 = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last3 < 0.7 * first3, (first3, last3)
+    vals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in vals] == [12, 24]
+    assert vals[0]["val_level"] == "answer" and 0 <= vals[-1]["val_accuracy"] <= 1
+    assert 0 <= vals[-1]["val_ece"] <= 1 and vals[-1]["val_n"] == 8
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == yaml.safe_load(yaml.safe_dump(train_mod.to_dict(cfg)))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 24
+    assert not (out / "checkpoints").exists()  # dropped after success unless --keep-checkpoints
+
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"))
+    tok = AutoTokenizer.from_pretrained(str(out / "model"))
+    assert len(tok) == len(world["tok"])
+    initial = _weights(world["student"])
+    trained = _weights(out / "model")
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("copy: cat dog\n")])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_first_without_temperature_warns_and_equals_kd(world, tmp_path, capsys):
+    run_distill(_cfg(world, tmp_path / "first", loss="first", store=str(world["store"])))
+    assert "no temperature record" in capsys.readouterr().err
+    run_distill(_cfg(world, tmp_path / "kd", loss="kd", store=str(world["store"])))
+    a, b = _weights(tmp_path / "first" / "model"), _weights(tmp_path / "kd" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _oracle(w, record: dict, loss: str) -> dict:
+    """Validation numbers computed independently: full logits from the HF forward, the teacher top-k
+    read raw from the store, the temperature applied by hand, KL / CE spelled out."""
+    from transformers import AutoModelForCausalLM
+
+    from first_kd.metrics import calibration_summary
+    from first_kd.store import open_store
+
+    model = AutoModelForCausalLM.from_pretrained(str(w["student"])).eval()
+    store = open_store(w["val_store"])
+    choice_ids = store.attrs["data"]["choice_token_ids"]
+    kl = ce = 0.0
+    n = 0
+    probs, labels = [], []
+    for i in range(len(store)):
+        r = store.get(i, temperature=False)
+        ids = torch.tensor(r["input_ids"])[None]
+        with torch.no_grad():
+            logits = model(ids).logits[0].double()  # [S, V]
+        pos = torch.tensor(r["target_positions"])
+        z = logits[pos]
+        p_raw = torch.tensor(r["topk_logprobs"], dtype=torch.float64).exp()
+        if record:  # FIRST's prob form: softmax over the top-k probabilities divided by c
+            p = torch.softmax(p_raw / record["value"], dim=-1)
+        else:
+            p = p_raw / p_raw.sum(-1, keepdim=True)
+        log_q = torch.log_softmax(z.gather(1, torch.tensor(r["topk_ids"])), dim=-1)
+        kl += float((p * (p.log() - log_q)).sum())
+        ce += float(torch.nn.functional.cross_entropy(z, ids[0, pos + 1], reduction="sum"))
+        n += len(pos)
+        probs.append(torch.softmax(z[0, choice_ids[: r["n_choices"]]], -1).tolist())
+        labels.append(r["answer_index"])
+    summary = calibration_summary(torch.tensor(probs).numpy(), torch.tensor(labels).numpy())
+    return {"val_loss": (ce if loss == "ce" else kl) / n, "val_ce": ce / n, "val_accuracy": summary["accuracy"],
+            "val_ece": summary["ece"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, store_key, record", [
+    ("first", "store_t", TEMPERATURE), ("kd", "store_t", {}), ("ce", "store", {}),
+])
+def test_validation_matches_independent_oracle(world, tmp_path, loss, store_key, record):
+    # lr 1e-30 leaves the fp32 weights unchanged, so the end-of-run validation sees the initial student.
+    cfg = _cfg(world, tmp_path / loss, loss=loss, store=str(world[store_key]), val_store=str(world["val_store"]),
+               max_steps=1, lr=1e-30)
+    run_distill(cfg)
+    got = _metrics(tmp_path / loss)[-1]
+    want = _oracle(world, record, loss)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    if loss == "first":  # the temperature changed the target: first != kd on a calibrated store
+        assert abs(want["val_loss"] - _oracle(world, {}, "kd")["val_loss"]) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume, accumulation, divergence
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(world, tmp_path, capsys):
+    options = dict(student=str(world["student"]), loss="first", store=str(world["store_t"]), max_steps=24,
+                   batch_size=2, grad_accum=2, lr=3e-3, warmup=3, save_every=3, log_every=1, seed=3)
+    out = tmp_path / "killed"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"distill": dict(options, out=str(out))}))
+    # One thread like this process (fixture one_thread), so the in-process reference run reduces in
+    # the same order; PYTHONPATH so the subprocess imports this checkout whatever the install.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "first_kd.cli", "distill", "--config", str(recipe)]
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1].decode()
+    assert proc.returncode == -signal.SIGKILL, err
+    assert not (out / "summary.json").exists(), "the run finished before it could be killed"
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert killed_at < 24
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+
+    reference = tmp_path / "reference"
+    run_distill(DistillConfig(**options, out=str(reference)))
+    a, b = _weights(out / "model"), _weights(reference / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    got, want = _metrics(out), _metrics(reference)
+    assert [r["step"] for r in got] == list(range(1, 25))  # each step logged once despite the kill
+    assert [(r["loss"], r["lr"], r["grad_norm"]) for r in got] == [(r["loss"], r["lr"], r["grad_norm"]) for r in want]
+
+    # A finished run is not retrained.
+    stamp = (reference / "model" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_distill(DistillConfig(**options, out=str(reference))) == 0
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (reference / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_one_big_batch(world, tmp_path):
+    # Copy-task sequences have 2..7 target positions, so micro-batches hold unequal counts: only
+    # normalising by the count of the whole accumulated step reproduces the big batch.
+    lengths = {len(json.loads(line)["response"].split()) for line in world["copy"].read_text().splitlines()}
+    assert len(lengths) > 2
+    common = dict(loss="ce", store=None, data=str(world["copy"]), max_steps=3, lr=1e-3, max_grad_norm=0)
+    run_distill(_cfg(world, tmp_path / "big", batch_size=8, grad_accum=1, **common))
+    run_distill(_cfg(world, tmp_path / "accum", batch_size=2, grad_accum=4, **common))
+    big, accum = _metrics(tmp_path / "big"), _metrics(tmp_path / "accum")
+    for r_big, r_acc in zip(big, accum):
+        assert r_acc["loss"] == pytest.approx(r_big["loss"], rel=1e-5)
+        assert r_acc["grad_norm"] == pytest.approx(r_big["grad_norm"], rel=1e-4)
+    a, b = _weights(tmp_path / "big" / "model"), _weights(tmp_path / "accum" / "model")
+    # Adam moves every weight by ~lr per step; agreement far below that means the same steps.
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
+    real_loss = train_mod.chunked_distillation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):  # one micro-batch per step: call 5 is step 5
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    options = dict(max_steps=8, schedule="constant", save_every=2)
+    out = tmp_path / "nan"
+    monkeypatch.setattr(train_mod, "chunked_distillation_loss", poisoned)
+    with pytest.raises(FirstKDError) as e:
+        run_distill(_cfg(world, out, **options))
+    message = str(e.value)
+    assert "\n" not in message and "nan" in message and "step 5" in message
+    assert "step-00000004" in message
+    monkeypatch.setattr(train_mod, "chunked_distillation_loss", real_loss)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+    # Intact: the checkpoint holds exactly the weights of a clean 4-step run (constant lr).
+    clean = tmp_path / "clean4"
+    run_distill(_cfg(world, clean, **dict(options, max_steps=4)))
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(out / "checkpoints" / "step-00000004" / "model.safetensors"))
+    ref = _weights(clean / "model")
+    assert all(torch.equal(ckpt[k], ref[k]) for k in ref)
+    # And re-running resumes from it and finishes.
+    assert run_distill(_cfg(world, out, **options)) == 0
+    assert [r["step"] for r in _metrics(out)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_exploding_lr_stops_with_one_line_error(world, tmp_path):
+    with pytest.raises(FirstKDError) as e:
+        run_distill(_cfg(world, tmp_path / "boom", lr=1e30, max_steps=6))
+    message = str(e.value)
+    assert "\n" not in message and "no checkpoint was saved yet" in message and "--lr" in message
+    assert not (tmp_path / "boom" / "model").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer guards
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokenizer_mismatch_refused_and_padded_vocab_accepted(world, tmp_path):
+    from first_kd.tiny import build_llama, train_tokenizer
+
+    other_tok = train_tokenizer([f"{a} {b} {c}" for a in WORDS for b in WORDS for c in "xyz"], vocab_size=300)
+    other = build_llama(tmp_path / "other", other_tok, hidden_size=32, num_layers=2)
+    with pytest.raises(FirstKDError, match="does not match"):
+        run_distill(_cfg(world, tmp_path / "mismatch", student=str(other)))
+    assert not (tmp_path / "mismatch" / "model").exists()
+
+    small = build_llama(tmp_path / "small", world["tok"], hidden_size=32, num_layers=2, vocab_size=200)
+    with pytest.raises(FirstKDError, match="output logits"):
+        run_distill(_cfg(world, tmp_path / "small-out", student=str(small)))
+
+    padded_vocab = len(world["tok"]) + 64
+    padded = build_llama(tmp_path / "padded", world["tok"], hidden_size=32, num_layers=2, vocab_size=padded_vocab)
+    assert run_distill(_cfg(world, tmp_path / "padded-out", student=str(padded), max_steps=2)) == 0
+    assert _weights(tmp_path / "padded-out" / "model")["lm_head.weight"].shape[0] == padded_vocab
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_yaml_with_overrides_and_one_line_errors(world, tmp_path, capsys):
+    from first_kd.cli import main
+
+    out = tmp_path / "cli"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "cache": {"teacher": "ignored-by-distill"},
+        "distill": {"student": str(world["student"]), "loss": "ce", "data": str(world["mc_train"]),
+                    "max_steps": 100, "lr": 0.5, "batch_size": 4, "warmup": 0, "out": str(tmp_path / "wrong")},
+    }))
+    args = ["distill", "--config", str(recipe), "--max-steps", "3", "lr=0.001", "--out", str(out)]
+    assert main(args) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["max_steps"], saved["lr"], saved["out"], saved["batch_size"]) == (3, 0.001, str(out), 4)
+    assert [r["step"] for r in _metrics(out)][-1] == 3
+    assert not (tmp_path / "wrong").exists()
+
+    capsys.readouterr()
+    assert main(args[:-2] + ["lr=0.002", "--out", str(out)]) == 2  # another run's options in the same OUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different options" in err and "--overwrite" in err and "lr" in err
+
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert main(args[:-2] + ["lr=0.002", "--out", str(out), "--overwrite"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.002
+    assert (out / "model" / "model.safetensors").read_bytes() != before
+
+    capsys.readouterr()
+    assert main(["distill", "--student", str(world["student"]), "--out", str(tmp_path / "x"), "--loss", "first"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs --store" in err
+
+    assert main(["distill", "--student", str(world["student"]), "--out", str(tmp_path / "y"), "--loss", "kd",
+                 "--store", str(tmp_path / "missing.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not found" in err
+
+
+def test_unloadable_student_is_a_one_line_error(tmp_path):
+    with pytest.raises(FirstKDError) as e:
+        run_distill(DistillConfig(student=str(tmp_path / "no-such-model"), out=str(tmp_path / "o"), loss="ce",
+                                  data=str(tmp_path / "x.jsonl")))
+    assert "no-such-model" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "o" / "model").exists()
