@@ -132,8 +132,8 @@ def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError("teacher_ids repeat an id within a row: top-k ids must be distinct")
 
 
-def _check_targets(targets: torch.Tensor, valid: torch.Tensor, vocab_size: int) -> None:
-    t = targets[valid]
+def _check_targets(t: torch.Tensor, vocab_size: int) -> None:
+    """Targets of counted rows must be vocabulary ids."""
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
         raise ValueError(f"targets out of range [0, {vocab_size}): use {IGNORE_INDEX} for ignored rows")
 
@@ -282,7 +282,7 @@ def distillation_loss(
         kl_weight = 1.0 - alpha if use_ce else 1.0
         rows = rows + kl_weight * _kl_rows(z, ids, probs, other_bucket)
     if use_ce:
-        _check_targets(targets.reshape(-1), valid, V)
+        _check_targets(targets.reshape(-1)[valid], V)
         t = targets.reshape(-1).masked_fill(~valid, 0)
         ce_weight = alpha if use_kl else 1.0
         rows = rows + ce_weight * _ce_rows(z, t, label_smoothing)
@@ -535,7 +535,7 @@ def chunked_distillation_loss(
     if ids is not None:
         _check_ids(ids, V)
     if t is not None:
-        _check_targets(t, torch.ones_like(t, dtype=torch.bool), V)
+        _check_targets(t, V)
     row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
 
     # One compute dtype for the matmuls (the wider of the two), outside any autocast region, so the
@@ -543,7 +543,7 @@ def chunked_distillation_loss(
     dtype = torch.promote_types(h.dtype, head_weight.dtype)
     w = head_weight.to(dtype)
     b = head_bias.to(dtype) if head_bias is not None else None
-    h = h.to(dtype)
+    h = h.to(dtype).contiguous()  # chunk gradients are written into row slices of a like-shaped buffer
     need_h = torch.is_grad_enabled() and h.requires_grad
     need_w = torch.is_grad_enabled() and w.requires_grad
     need_b = torch.is_grad_enabled() and b is not None and b.requires_grad
