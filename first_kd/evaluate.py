@@ -44,6 +44,7 @@ from first_kd import metrics
 from first_kd.config import option
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
+from first_kd.models import head_logits, last_hidden_states
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
 _HEAD_ELEMENTS = 1 << 25
@@ -131,17 +132,10 @@ def options_from_topk(topk_ids: torch.Tensor, topk_probs: torch.Tensor, choice_i
     return torch.where(total > 0, mass / total.clamp(min=torch.finfo(torch.float32).tiny), uniform)
 
 
-def _softcap(model, logits: torch.Tensor) -> torch.Tensor:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
 def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
               cols: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [N, H] at (rows[i], cols[i]) of a right-padded batch [B, S]: the body runs
-    once and the output head is left to the caller, so no [B, S, V] logits tensor is ever built."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return hidden[rows, cols]
+    """Last hidden states [N, H] at (rows[i], cols[i]) of a right-padded batch [B, S]."""
+    return last_hidden_states(model, input_ids, attention_mask)[rows, cols]
 
 
 def _pad(seqs: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +194,10 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
     Returns (summary: metrics keys + "bins", "level"; predictions: one dict per example, in data order).
     """
     device = device or next(model.parameters()).device
-    head = model.get_output_embeddings()
     mcqa = info["format"] == "mcqa"
     labels = info.get("choice_labels") or []
     choice_ids = torch.tensor(info.get("choice_token_ids") or [], dtype=torch.long, device=device)
-    vocab = head.weight.shape[0]
+    vocab = model.get_output_embeddings().weight.shape[0]
     if mcqa and int(choice_ids.max()) >= vocab:
         raise FirstKDError(f"option letter token id {int(choice_ids.max())} is outside the model's {vocab} logits: "
                            "evaluate with the model's own tokenizer (--tokenizer)")
@@ -226,7 +219,7 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
         if mcqa:
             rows = torch.arange(len(batch), device=device)
             cols = torch.as_tensor(starts[batch] - 1, device=device)
-            logits = _softcap(model, head(hidden_at(model, tokens, mask, rows, cols)).float())  # [B, V]
+            logits = head_logits(model, hidden_at(model, tokens, mask, rows, cols))  # [B, V]
             logp = torch.log_softmax(logits, dim=-1)
             n_ch = torch.as_tensor(n_choices[batch], device=device)
             gold = torch.as_tensor(answer[batch], device=device)
@@ -261,7 +254,7 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
             conf_all, correct_all, gold_all = [], [], []
             for lo in range(0, hidden.shape[0], head_rows):
                 sl = slice(lo, lo + head_rows)
-                probs = torch.softmax(_softcap(model, head(hidden[sl]).float()), dim=-1)
+                probs = torch.softmax(head_logits(model, hidden[sl]), dim=-1)
                 acc.update(probs, targets[sl])
                 conf, pred = probs.max(dim=-1)
                 conf_all.append(conf)

@@ -39,3 +39,29 @@ def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, tru
         raise FirstKDError(f"cannot load a causal LM from {name_or_path!r} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}): check the path or hub id") from None
     return model.to(device).eval()
+
+
+def transformer_body(model):
+    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...)."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        raise FirstKDError(f"{type(model).__name__} exposes no transformer body (base_model): use a causal LM "
+                           "with a separate output head (AutoModelForCausalLM)")
+    return body
+
+
+def last_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] final hidden states of a right-padded batch [B, S].
+
+    Every first-kd pass runs the body and applies the output head itself, at the positions it needs
+    only: a causal LM's own forward would build [B, S, V] logits, the largest tensor of the step.
+    """
+    out = transformer_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [N, V] of hidden states [N, H], with the model's final logit soft-capping if any."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

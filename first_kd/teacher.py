@@ -27,7 +27,7 @@ from first_kd import store as topk_store
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
-from first_kd.models import load_model, load_tokenizer, resolve_dtype
+from first_kd.models import head_logits, last_hidden_states, load_model, load_tokenizer, resolve_dtype
 
 
 @dataclasses.dataclass
@@ -77,16 +77,10 @@ def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head
     chunks: a [B, S, V] logits tensor is never built, which is why the pass costs no more than a
     plain forward.
     """
-    body = model.base_model
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    picked = hidden[rows, cols]
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    picked = last_hidden_states(model, input_ids, attention_mask)[rows, cols]
     out_ids, out_lp = [], []
     for lo in range(0, picked.shape[0], head_chunk):
-        logits = head(picked[lo: lo + head_chunk]).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = head_logits(model, picked[lo: lo + head_chunk])
         logprobs = torch.log_softmax(logits, dim=-1)
         values, ids = torch.topk(logprobs, k, dim=-1)
         out_ids.append(ids)

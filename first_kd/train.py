@@ -55,7 +55,9 @@ import yaml
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
+from first_kd.evaluate import options_from_logits
 from first_kd.losses import chunked_distillation_loss, distillation_loss
+from first_kd.models import last_hidden_states
 from first_kd.temperature import distribution_from_record
 
 # Options that change how a run is observed or saved, not what it computes: a resumed run may change them.
@@ -261,19 +263,9 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _body(model):
-    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...)."""
-    body = getattr(model, "base_model", None)
-    if body is None or body is model:
-        raise FirstKDError(f"{type(model).__name__} exposes no transformer body (base_model): use a causal LM "
-                           "with a separate output head (AutoModelForCausalLM)")
-    return body
-
-
 def target_hidden(model, batch: dict) -> torch.Tensor:
     """Last hidden states at the batch's target positions: [N, H]. Never builds [B, S, V] logits."""
-    out = _body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
     return hidden.flatten(0, 1).index_select(0, batch["rows"])
 
 
@@ -355,9 +347,7 @@ def evaluate(model, examples, pad_id: int, cfg: DistillConfig, use_teacher: bool
             answer_hidden = hidden.index_select(0, batch["first_row"])  # [B, H]
             logits = torch.nn.functional.linear(answer_hidden, weight[choice_ids],
                                                 None if bias is None else bias[choice_ids]).float()  # [B, C]
-            n_choices = batch["n_choices"].clamp(min=1, max=len(choice_token_ids))
-            absent = torch.arange(len(choice_token_ids), device=device)[None, :] >= n_choices[:, None]
-            probs = torch.softmax(logits.masked_fill(absent, float("-inf")), dim=-1)
+            probs = options_from_logits(logits, batch["n_choices"].clamp(min=1, max=len(choice_token_ids)))
             acc.update(probs.cpu().numpy(), batch["answer_index"].cpu().numpy())
     if was_training:
         model.train()

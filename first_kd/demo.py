@@ -1,0 +1,496 @@
+"""`first-kd demo`: the whole FIRST story on tiny models and data built here, on a CPU, in minutes.
+
+The task (why it is a fair test of calibration)
+-----------------------------------------------
+A made-up world of `n_items` objects with a hidden weight order. Each question shows five distinct
+objects as options A-E and asks "Which is heaviest?"; the true answer follows from the order, so a
+tiny model can learn the rule from examples and apply it to option sets it has never seen. Then every
+label, in every split, is replaced with probability `eps` by one of the four wrong options, uniformly.
+The noise is irreducible (it does not depend on the question), so the best possible model answers
+with the rule, is right 1 - eps of the time on held-out data, and is calibrated exactly when it says
+so: confidence 1 - eps on its answer. Accuracy and confidence are scored against the noisy test
+labels, as a user would score against a real benchmark's labels.
+
+Splits (DIR/data/*.jsonl): `teacher` (the teacher's own fine-tuning data: a real teacher is trained
+on data the student never sees, and a teacher that memorised the student's training labels would
+only echo them back), `train` (the students' data: `ce` learns its labels, `kd`/`first` the teacher's
+top-k on its questions), `val` (where the temperature is fitted) and `test` (every reported number).
+
+The story
+---------
+1. data, a byte-level BPE tokenizer trained on it, an untrained teacher and a smaller student
+   (first_kd.tiny), saved and re-loaded with from_pretrained by every command;
+2. `distill --loss ce` fine-tunes the teacher on its split for many epochs, until it memorises the
+   noisy labels and becomes over-confident on new questions too;
+3. `cache` keeps the teacher's top-5 on the train, val and test questions; `calibrate` fits the
+   temperature on val (FIRST's prob form by default) and records it in the train and test stores;
+4. three students from the same initialisation, data order and budget: `ce` (the labels), `kd` (the
+   raw top-5), `first` (the top-5 after temperature);
+5. `evaluate` the teacher from the test store without and with temperature, and the students on the
+   test questions; `report` collects them into DIR/report.md, DIR/report.json, DIR/reliability.png.
+
+Every step is a public command run through first_kd.cli.main, listed in DIR/commands.sh. Re-running
+the demo on its own DIR skips the finished steps (and resumes an interrupted one); a DIR made with
+other options is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import yaml
+
+from first_kd.config import option, to_dict
+from first_kd.errors import FirstKDError
+
+LETTERS = "ABCDE"
+N_OPTIONS = len(LETTERS)
+QUESTION = "Which is heaviest?"
+MODEL_LABELS = ("teacher", "teacher_ts", "student_ce", "student_kd", "student_first")
+STUDENT_LOSSES = ("ce", "kd", "first")
+# Consonant-vowel syllables for made-up object names: pronounceable, so BPE learns each name as one token.
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+@dataclass
+class DemoConfig:
+    out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
+                                           "runs, evaluations, report.md, report.json, commands.sh)")
+    seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
+    # --- the task -----------------------------------------------------------------------------------
+    n_items: int = option(20, help="objects in the made-up world (their hidden weight order is the rule)")
+    eps: float = option(0.25, help="probability that a label is replaced by a random wrong option (all splits)")
+    n_teacher: int = option(1000, help="questions the teacher is fine-tuned on (never seen by the students)")
+    n_train: int = option(1000, help="questions the students are trained on")
+    n_val: int = option(1000, help="held-out questions the temperature is fitted on")
+    n_test: int = option(2000, help="held-out questions every reported number is measured on")
+    vocab_size: int = option(512, help="BPE vocabulary size of the tokenizer trained on the task")
+    # --- the models ---------------------------------------------------------------------------------
+    teacher_hidden: int = option(128, help="teacher hidden size")
+    teacher_layers: int = option(2, help="teacher transformer layers")
+    student_hidden: int = option(64, help="student hidden size")
+    student_layers: int = option(2, help="student transformer layers")
+    heads: int = option(4, help="attention heads of both models")
+    # --- training -----------------------------------------------------------------------------------
+    teacher_steps: int = option(1200, help="optimizer steps of the teacher's fine-tuning")
+    teacher_lr: float = option(3e-3, help="teacher peak learning rate")
+    student_steps: int = option(600, help="optimizer steps of each student (the same budget for all three)")
+    student_lr: float = option(3e-3, help="student peak learning rate")
+    batch_size: int = option(32, help="questions per optimizer step (teacher and students)")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", help="learning-rate decay after warmup")
+    k: int = option(5, help="top-k kept per position by `first-kd cache`")
+    form: Literal["prob", "logit"] = option("prob", help="temperature form fitted by `first-kd calibrate` "
+                                                         "(prob: FIRST's softmax(p / c))")
+    threads: int = option(1, help="torch CPU threads; tiny models run fastest on one, and more threads "
+                                  "on a shared machine spin against each other")
+
+    def validate(self) -> None:
+        if not self.out:
+            raise FirstKDError("missing --out (the directory the demo writes everything to)")
+        if Path(self.out).is_file():
+            raise FirstKDError(f"--out {self.out} is a file: give a directory")
+        checks = [
+            (self.n_items >= N_OPTIONS, f"--n-items must be >= {N_OPTIONS} (one per option); got {self.n_items}"),
+            (0.0 <= self.eps < 1.0 - 1.0 / N_OPTIONS,
+             f"--eps must be in [0, {1 - 1 / N_OPTIONS:g}) so the true answer stays the likeliest label; got {self.eps}"),
+            (min(self.n_teacher, self.n_train, self.n_val, self.n_test) >= 1,
+             "--n-teacher, --n-train, --n-val and --n-test must all be >= 1"),
+            (self.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {self.vocab_size}"),
+            (min(self.teacher_hidden, self.teacher_layers, self.student_hidden, self.student_layers, self.heads) >= 1,
+             "model sizes must be >= 1"),
+            (self.teacher_hidden % self.heads == 0 and self.student_hidden % self.heads == 0,
+             f"--teacher-hidden and --student-hidden must be multiples of --heads ({self.heads})"),
+            (self.teacher_steps >= 1 and self.student_steps >= 1, "--teacher-steps and --student-steps must be >= 1"),
+            (self.teacher_lr > 0 and self.student_lr > 0, "--teacher-lr and --student-lr must be > 0"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
+            (N_OPTIONS <= self.k, f"--k must be >= {N_OPTIONS} so the top-k can cover the option letters; got {self.k}"),
+            (self.threads >= 1, f"--threads must be >= 1; got {self.threads}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise FirstKDError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# The task: pure functions of a random generator
+# ----------------------------------------------------------------------------------------------
+
+
+def make_items(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct made-up object names, lightest first (the list order is the hidden weight order)."""
+    names: set[str] = set()
+    while len(names) < n:
+        names.add("".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CONSONANTS))
+    items = sorted(names)
+    rng.shuffle(items)  # the alphabet must say nothing about the weight
+    return items
+
+
+def make_question(rng: random.Random, items: list[str], eps: float, qid: str) -> dict:
+    """One record: five distinct options, the true (heaviest) answer, and the label shown to models.
+
+    The label is the true answer with probability 1 - eps, else one of the four others uniformly."""
+    picked = rng.sample(range(len(items)), N_OPTIONS)  # indices into items = weight ranks
+    true = max(range(N_OPTIONS), key=lambda j: picked[j])
+    label = true
+    if rng.random() < eps:
+        label = rng.choice([j for j in range(N_OPTIONS) if j != true])
+    return {"id": qid, "question": QUESTION, "choices": [items[i] for i in picked],
+            "answer": LETTERS[label], "true_answer": LETTERS[true]}
+
+
+def make_splits(seed: int, n_items: int, eps: float, sizes: dict[str, int]) -> tuple[list[str], dict[str, list[dict]]]:
+    """(items lightest first, {split: records}) for the given split sizes; a pure function of its arguments."""
+    rng = random.Random(seed)
+    items = make_items(rng, n_items)
+    splits = {}
+    for name, n in sizes.items():
+        # One generator per split, so changing one split's size leaves the others unchanged.
+        split_rng = random.Random(f"{seed}-{name}")
+        splits[name] = [make_question(split_rng, items, eps, f"{name}-{i}") for i in range(n)]
+    return items, splits
+
+
+def prompt_text(record: dict) -> str:
+    """The prompt `first_kd.data` renders for a record with the default MCQA template (tokenizer training)."""
+    options = "\n".join(f"{L}. {t}" for L, t in zip(LETTERS, record["choices"]))
+    return f"Question: {record['question']}\n{options}\nAnswer:"
+
+
+def bayes_reference(records: list[dict], eps: float, n_bins: int = 10) -> dict:
+    """Metrics of the Bayes-optimal model on `records`: it puts 1 - eps on the true answer and eps / 4
+    on each other option. Its accuracy against the noisy labels is about 1 - eps and its ECE about 0."""
+    import numpy as np
+
+    from first_kd import metrics
+
+    probs = np.full((len(records), N_OPTIONS), eps / (N_OPTIONS - 1))
+    for i, r in enumerate(records):
+        probs[i, LETTERS.index(r["true_answer"])] = 1.0 - eps
+    labels = np.array([LETTERS.index(r["answer"]) for r in records])
+    summary = metrics.calibration_summary(probs, labels, n_bins)
+    return {k: float(summary[k]) if k != "n" else int(summary[k])
+            for k in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n") if k in summary}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: each step is one public command
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One `first-kd` command of the pipeline and how to tell that its work is already done."""
+
+    name: str
+    argv: list[str]
+    done: Callable[[], bool]
+    comment: str = ""
+
+    @property
+    def shell(self) -> str:
+        return "first-kd " + shlex.join(self.argv)
+
+
+class Layout:
+    """Where everything lives under DIR."""
+
+    def __init__(self, out: str):
+        self.root = Path(out)
+        self.data = self.root / "data"
+        self.models = self.root / "models"
+        self.stores = self.root / "stores"
+        self.runs = self.root / "runs"
+        self.evals = self.root / "eval"
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
+
+    def store(self, name: str) -> Path:
+        return self.stores / f"{name}.zarr"
+
+    def p(self, path: Path) -> str:
+        return str(path)
+
+
+def _store_complete(path: Path) -> bool:
+    from first_kd.store import is_store
+
+    if not is_store(path):
+        return False
+    import zarr
+
+    return bool(zarr.open_group(str(path), mode="r").attrs.get("complete"))
+
+
+def _store_temperature(path: Path) -> dict:
+    import zarr
+
+    if not _store_complete(path):
+        return {}
+    return dict(zarr.open_group(str(path), mode="r").attrs.get("temperature") or {})
+
+
+def _calibrated_from(path: Path, val: Path) -> bool:
+    record = _store_temperature(path)
+    return bool(record) and (record.get("fitted_on") or {}).get("path") == str(val)
+
+
+def pipeline(cfg: DemoConfig, lay: Layout) -> list[Step]:
+    """The demo's commands, in order (argv for first_kd.cli.main, without the program name)."""
+    P = lay.p
+    teacher_model = lay.runs / "teacher" / "model"
+    steps = [Step(
+        "teacher", ["distill", "--student", P(lay.models / "teacher-init"), "--data", P(lay.split("teacher")),
+                    "--loss", "ce", "--out", P(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
+                    "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
+                    "--seed", str(cfg.seed), "--save-every", "0"],
+        lambda: (lay.runs / "teacher" / "summary.json").is_file(),
+        "fine-tune the teacher on its own split until it memorises the noisy labels (over-confident)")]
+    for split in ("train", "val", "test"):
+        steps.append(Step(
+            f"cache {split}", ["cache", "--teacher", P(teacher_model), "--data", P(lay.split(split)),
+                               "--out", P(lay.store(split)), "--k", str(cfg.k)],
+            lambda s=split: _store_complete(lay.store(s)),
+            f"the teacher's top-{cfg.k} on the {split} questions"))
+    steps.append(Step(
+        "calibrate", ["calibrate", "--store", P(lay.store("train")), "--val-store", P(lay.store("val")),
+                      "--form", cfg.form],
+        lambda: _calibrated_from(lay.store("train"), lay.store("val")),
+        "fit the temperature on val; recorded in the train store, which `distill --loss first` reads"))
+    steps.append(Step(
+        "calibrate test", ["calibrate", "--store", P(lay.store("test")), "--val-store", P(lay.store("val")),
+                           "--form", cfg.form],
+        lambda: _calibrated_from(lay.store("test"), lay.store("val")),
+        "the same fit (deterministic, on val again) recorded in the test store, for `evaluate --store`"))
+    for loss in STUDENT_LOSSES:
+        source = ["--data", P(lay.split("train"))] if loss == "ce" else ["--store", P(lay.store("train"))]
+        steps.append(Step(
+            f"student {loss}", ["distill", "--student", P(lay.models / "student-init"), *source, "--loss", loss,
+                                "--out", P(lay.runs / f"student_{loss}"), "--max-steps", str(cfg.student_steps),
+                                "--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size),
+                                "--schedule", cfg.schedule, "--seed", str(cfg.seed), "--save-every", "0"],
+            lambda s=loss: (lay.runs / f"student_{s}" / "summary.json").is_file(),
+            {"ce": "student fine-tuned on the (noisy) labels of the train split",
+             "kd": "student distilled from the raw teacher top-k (no temperature)",
+             "first": "student distilled from the temperature-calibrated teacher top-k (FIRST)"}[loss]))
+    for label, temperature in (("teacher", False), ("teacher_ts", True)):
+        steps.append(Step(
+            f"evaluate {label}", ["evaluate", "--store", P(lay.store("test")),
+                                  "--temperature" if temperature else "--no-temperature",
+                                  "--label", label, "--out", P(lay.evals / label)],
+            lambda s=label: (lay.evals / s / "metrics.json").is_file(),
+            "the teacher on the test questions from its cached top-k, "
+            + ("with the temperature" if temperature else "raw")))
+    for loss in STUDENT_LOSSES:
+        label = f"student_{loss}"
+        steps.append(Step(
+            f"evaluate {label}", ["evaluate", "--model", P(lay.runs / label / "model"), "--data",
+                                  P(lay.split("test")), "--label", label, "--out", P(lay.evals / label)],
+            lambda s=label: (lay.evals / s / "metrics.json").is_file(),
+            f"{label} on the test questions"))
+    steps.append(Step(
+        "report", ["report", ",".join(P(lay.evals / m) for m in MODEL_LABELS), "--labels", ",".join(MODEL_LABELS),
+                   "--title", f"first-kd demo (seed {cfg.seed})", "--out", P(lay.root)],
+        lambda: False,  # cheap, and it must reflect the evaluations present now
+        "collect the evaluations into report.md / report.json / reliability.png"))
+    return steps
+
+
+def write_commands(path: Path, cfg: DemoConfig, steps: list[Step]) -> None:
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# The first-kd commands `first-kd demo --out {cfg.out}` ran, in order. Run them from the directory",
+        "# the demo was run in. The data (data/*.jsonl), the tokenizer and the untrained models (models/)",
+        "# were written by the demo itself (first_kd.demo, first_kd.tiny) before these commands.",
+        "# A finished step refuses to run again (cache) or says there is nothing to do (distill): add",
+        "# --overwrite to redo one.",
+        "set -euo pipefail",
+        "",
+    ]
+    for step in steps:
+        lines += [f"# {step.comment}" if step.comment else f"# {step.name}", step.shell, ""]
+    path.write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the inputs (no command exists for these: they are the demo's own)
+# ----------------------------------------------------------------------------------------------
+
+
+def build_data(cfg: DemoConfig, lay: Layout) -> dict[str, list[dict]]:
+    sizes = {"teacher": cfg.n_teacher, "train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    items, splits = make_splits(cfg.seed, cfg.n_items, cfg.eps, sizes)
+    lay.data.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        if not lay.split(name).is_file():
+            _write_jsonl(lay.split(name), rows)
+    world = lay.data / "world.json"
+    if not world.is_file():
+        world.write_text(json.dumps({"items_lightest_first": items, "question": QUESTION, "eps": cfg.eps}, indent=2))
+    return splits
+
+
+def build_models(cfg: DemoConfig, lay: Layout, splits: dict[str, list[dict]]) -> None:
+    """Tokenizer (trained on the teacher and train prompts + answers) and the two untrained models."""
+    from first_kd.tiny import build_llama, train_tokenizer
+
+    teacher_dir, student_dir = lay.models / "teacher-init", lay.models / "student-init"
+    if (teacher_dir / "config.json").is_file() and (student_dir / "config.json").is_file():
+        return
+    texts = [prompt_text(r) + " " + r["answer"] for split in ("teacher", "train") for r in splits[split]]
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    for letter in LETTERS:
+        if len(tokenizer.encode(" " + letter, add_special_tokens=False)) != 1:
+            raise FirstKDError(f"the tokenizer splits ' {letter}' into several tokens: raise --vocab-size "
+                               f"(now {cfg.vocab_size})")
+    # max_position_embeddings: the prompts are ~30 tokens; 128 leaves room for longer made-up names.
+    build_llama(teacher_dir, tokenizer, hidden_size=cfg.teacher_hidden, num_layers=cfg.teacher_layers,
+                num_heads=cfg.heads, max_position_embeddings=128, seed=cfg.seed)
+    build_llama(student_dir, tokenizer, hidden_size=cfg.student_hidden, num_layers=cfg.student_layers,
+                num_heads=cfg.heads, max_position_embeddings=128, seed=cfg.seed + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and summary
+# ----------------------------------------------------------------------------------------------
+
+
+def claims(models: dict, store: dict) -> list[dict]:
+    """What the demo is meant to show, each with its measured value and whether it holds."""
+    t, ts = models["teacher"], models["teacher_ts"]
+    ce, first = models["student_ce"], models["student_first"]
+    return [
+        {"claim": "teacher ECE before temperature >= 0.10", "value": t["ece"], "ok": t["ece"] >= 0.10},
+        {"claim": "teacher ECE after temperature <= 0.05", "value": ts["ece"], "ok": ts["ece"] <= 0.05},
+        {"claim": "temperature leaves the teacher's accuracy unchanged",
+         "value": ts["accuracy"] - t["accuracy"], "ok": abs(ts["accuracy"] - t["accuracy"]) < 1e-9},
+        {"claim": "student_first ECE <= half of student_ce ECE", "value": first["ece"] / max(ce["ece"], 1e-12),
+         "ok": first["ece"] <= 0.5 * ce["ece"]},
+        {"claim": "student_first accuracy >= student_ce accuracy - 0.01",
+         "value": first["accuracy"] - ce["accuracy"], "ok": first["accuracy"] >= ce["accuracy"] - 0.01},
+        {"claim": "training store <= 16 bytes per target position (top-k payload)",
+         "value": store["bytes_per_position"], "ok": store["bytes_per_position"] <= 16},
+    ]
+
+
+def summary_text(report: dict) -> str:
+    rows = [("model", "accuracy", "ECE", "MCE", "Brier", "NLL", "mean conf.")]
+    for label in MODEL_LABELS + ("bayes_optimal",):
+        m = report["models"].get(label) or report.get(label)
+        if not m:
+            continue
+        rows.append((label, *(f"{m[k]:.4f}" if m.get(k) is not None else "n/a"
+                              for k in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["", f"first-kd demo: {report['title']} -> {report['out']}"]
+    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    t = report["temperature"]
+    store = report["store"]
+    symbol = "c" if t.get("form") == "prob" else "T"
+    lines.append(f"  temperature {t.get('form')} {symbol} = {t.get('value', float('nan')):.4g} (fitted on val); "
+                 f"test n = {report['models']['teacher']['n']:,} questions")
+    lines.append(f"  training store: {store['bytes_per_position']:.2f} bytes/position (top-{store['k']}), "
+                 f"mean top-{store['k']} mass {store['mean_topk_mass']:.4f}")
+    for c in report["checks"]:
+        lines.append(f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})")
+    lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
+                 f"report in {Path(report['out']) / 'report.md'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_out_dir(cfg: DemoConfig, lay: Layout) -> None:
+    """Refuse a DIR holding something else: another demo's options, or files that are not a demo's."""
+    saved = lay.root / "demo.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+        changed = sorted(k for k in set(old) | set(new) if k not in ("out", "threads") and old.get(k) != new.get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            raise FirstKDError(f"--out {cfg.out} holds a demo run with other options ({diffs}): re-run with the same "
+                               "options to resume it, or choose another --out")
+    elif lay.root.is_dir() and any(lay.root.iterdir()):
+        raise FirstKDError(f"--out {cfg.out} is not empty and holds no demo run: choose a new or empty directory")
+
+
+def _run_step(step: Step, index: int, total: int, timings: dict) -> None:
+    from first_kd.cli import main
+
+    if step.done():
+        print(f"\n[{index}/{total}] done already, skipped: {step.shell}", flush=True)
+        return
+    print(f"\n[{index}/{total}] {step.shell}", flush=True)
+    started = time.perf_counter()
+    code = main(step.argv)
+    if code != 0:
+        raise FirstKDError(f"step '{step.name}' failed (exit {code}); fix the problem above and re-run the demo "
+                           "with the same options to resume")
+    timings[step.name] = round(time.perf_counter() - started, 2)
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    import torch
+
+    from first_kd.store import verify
+
+    lay = Layout(cfg.out)
+    _check_out_dir(cfg, lay)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    timings_path = lay.root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        steps = pipeline(cfg, lay)
+        write_commands(lay.root / "commands.sh", cfg, steps)
+        total = len(steps) + 1
+        print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
+        started = time.perf_counter()
+        splits = build_data(cfg, lay)
+        build_models(cfg, lay, splits)
+        timings.setdefault("setup", round(time.perf_counter() - started, 2))
+        for i, step in enumerate(steps, start=2):
+            _run_step(step, i, total, timings)
+            timings_path.write_text(json.dumps(timings, indent=2))
+    finally:
+        torch.set_num_threads(threads_before)
+
+    report_path = lay.root / "report.json"
+    report = json.loads(report_path.read_text())
+    # The report command keeps {label: record}; the demo has one fitted record, so it is given as such.
+    report["temperature"] = _store_temperature(lay.store("train"))
+    report["store"] = verify(lay.store("train"))
+    report["wall_seconds"] = round(sum(timings.values()), 2)
+    report["timings"] = timings
+    report["bayes_optimal"] = bayes_reference(splits["test"], cfg.eps)
+    report["demo"] = to_dict(cfg)
+    report["out"] = str(lay.root)
+    report["checks"] = claims(report["models"], report["store"])
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(summary_text(report), flush=True)
+    return 0
