@@ -98,16 +98,14 @@ def _field_types(cls) -> dict:
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     """Add one `--flag` (or positional) per dataclass field, plus `--config` and `key=value` overrides."""
     types_ = _field_types(cls)
+    positional_help = []
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(types_[f.name])
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING and f.default not in (None, "") and not f.metadata.get("positional"):
             help_text += f" (default: {f.default})"
         if f.metadata.get("positional"):
-            # A list positional (e.g. `report RUN...`) takes every bare word; `key=value` words are
-            # split back out into overrides by from_args.
-            many = get_origin(tp) in (list, typing.List)
-            parser.add_argument(f.name, help=help_text, nargs="*" if many else "?", default=argparse.SUPPRESS)
+            positional_help.append(f"{f.name.upper()}: {help_text}")
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
@@ -118,8 +116,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=metavar)
     parser.add_argument("--config", dest="_config", default=None, metavar="FILE.yaml",
                         help="YAML file of options (flags and key=value given here override it)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", default=[],
-                        help="option overrides, e.g. lr=1e-4 batch_size=8")
+    # Bare words are either the command's positional argument(s) or key=value overrides; one
+    # catch-all keeps argparse from handing `lr=1e-4` to a positional (from_args sorts them out).
+    names = [f.name.upper() + ("..." if get_origin(_unwrap_optional(types_[f.name])[0]) in (list, typing.List) else "")
+             for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    parser.add_argument("_words", nargs="*", metavar=" ".join(names + ["[key=value ...]"]), default=[],
+                        help="; ".join(positional_help + ["key=value: option overrides, e.g. lr=1e-4 batch_size=8"]))
 
 
 def read_yaml(path: str, section: Optional[str]) -> dict:
@@ -148,16 +150,29 @@ def build(cls, values: dict, source: str = "options"):
             f"unknown option(s) {', '.join(unknown)} in {source}: valid options are {', '.join(types_)}"
         )
     kwargs = {k: _coerce(k, v, types_[k]) for k, v in values.items()}
-    missing = [f.name for f in dataclasses.fields(cls)
+    missing = [f for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                and f.name not in kwargs]
     if missing:
-        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
-        raise FirstKDError(f"missing required option(s): {flags}")
+        names = ", ".join(f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+                          for f in missing)
+        raise FirstKDError(f"missing required argument(s): {names}")
     cfg = cls(**kwargs)
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _parse_override(raw: str):
+    """`key=value` values read as YAML scalars or lists (1e-4, true, [a, b]); anything else, such as a
+    template with a colon or braces, stays the string that was typed."""
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, (str, int, float, bool, list)) or value is None else raw
 
 
 def from_args(cls, args: argparse.Namespace, section: Optional[str] = None):
@@ -167,25 +182,26 @@ def from_args(cls, args: argparse.Namespace, section: Optional[str] = None):
     config_path = getattr(args, "_config", None)
     if config_path:
         values.update(read_yaml(config_path, section))
-    overrides = list(getattr(args, "overrides", []) or [])
-    for f in dataclasses.fields(cls):
-        words = vars(args).get(f.name)
-        if f.metadata.get("positional") and isinstance(words, list):
-            overrides += [w for w in words if "=" in w]
-            setattr(args, f.name, [w for w in words if "=" not in w])
-            if not getattr(args, f.name):
-                delattr(args, f.name)
+    words = list(getattr(args, "_words", []) or [])
+    overrides = [w for w in words if "=" in w]
+    bare = [w for w in words if "=" not in w]
     for item in overrides:
-        if "=" not in item:
-            # argparse sends a bare positional here when the command has one and it was consumed;
-            # otherwise the user typed something that is neither a flag nor key=value.
-            raise FirstKDError(f"unexpected argument {item!r}: options are --flag value or key=value")
         key, raw = item.split("=", 1)
-        key = key.strip().replace("-", "_")
-        values[key] = yaml.safe_load(raw) if raw else ""
+        values[key.strip().replace("-", "_")] = _parse_override(raw)
     for name in names:
         if name in vars(args):
             values[name] = getattr(args, name)
+    # Positional words rank with flags: they are typed on the command line for this run.
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("positional") or not bare:
+            continue
+        if get_origin(_unwrap_optional(types_[f.name])[0]) in (list, typing.List):
+            values[f.name], bare = bare, []
+        else:
+            values[f.name], bare = bare[0], bare[1:]
+    if bare:
+        raise FirstKDError(f"unexpected argument {bare[0]!r}: options are --flag value or key=value")
     source = f"{config_path}" if config_path else "the command line"
     return build(cls, values, source)
 
