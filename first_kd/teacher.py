@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
@@ -162,8 +163,9 @@ def _plan(cfg: CacheConfig, tokenizer, model_config, dtype, vocab_size: int) -> 
                 return
             # planning itself was interrupted: nothing of value was written, start over
     topk_store.remove_store(out)
-    lengths = np.array([len(x) for x in tokenized["input_ids"]], dtype=np.int64)
-    n_positions = int((lengths - np.array(tokenized["target_start"], dtype=np.int64)).sum())
+    # Counted from the Arrow columns: never the token lists as Python objects.
+    lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy().astype(np.int64)
+    n_positions = int((lengths - tokenized.data.column("target_start").to_numpy().astype(np.int64)).sum())
     plan = topk_store.Plan(n_sequences=len(tokenized), n_tokens=int(lengths.sum()), n_positions=n_positions,
                            k=cfg.k, chunk_positions=cfg.chunk_positions)
     if cfg.k > vocab_size:
