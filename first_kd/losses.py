@@ -118,6 +118,18 @@ def _flat_teacher(teacher_ids, teacher_probs, n_rows: int, other_bucket: bool):
     return ids, probs
 
 
+def _loss_terms(teacher_ids, teacher_probs, targets, n_rows: int, alpha: float, other_bucket: bool, what: str):
+    """Flattened teacher tensors and which terms the loss has: (ids, probs, use_kl, use_ce)."""
+    ids, probs = _flat_teacher(teacher_ids, teacher_probs, n_rows, other_bucket)
+    use_kl = ids is not None and alpha < 1.0
+    use_ce = ids is None or alpha > 0.0
+    if use_ce and targets is None:
+        raise ValueError("targets are needed for the cross-entropy term (alpha > 0 or no teacher)")
+    if targets is not None and targets.numel() != n_rows:
+        raise ValueError(f"targets have {targets.numel()} rows but {what} {n_rows}")
+    return ids, probs, use_kl, use_ce
+
+
 def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
     """Ids of counted rows must be in range and distinct within a row (as torch.topk gives)."""
     if ids.numel() == 0:
@@ -264,13 +276,7 @@ def distillation_loss(
     V = student_logits.shape[-1]
     z = _upcast(student_logits.reshape(-1, V))
     N = z.shape[0]
-    ids, probs = _flat_teacher(teacher_ids, teacher_probs, N, other_bucket)
-    use_kl = ids is not None and alpha < 1.0
-    use_ce = ids is None or alpha > 0.0
-    if use_ce and targets is None:
-        raise ValueError("targets are needed for the cross-entropy term (alpha > 0 or no teacher)")
-    if targets is not None and targets.numel() != N:
-        raise ValueError(f"targets have {targets.numel()} rows but the logits {N}")
+    ids, probs, use_kl, use_ce = _loss_terms(teacher_ids, teacher_probs, targets, N, alpha, other_bucket, "the logits")
     valid = target_mask(targets, mask, N, ignore_index).to(z.device)
 
     rows = z.new_zeros(N)
@@ -513,13 +519,7 @@ def chunked_distillation_loss(
         raise ValueError(f"head_bias must be [{V}], got {tuple(head_bias.shape)}")
     h = hidden.reshape(-1, H)
     N = h.shape[0]
-    ids, probs = _flat_teacher(teacher_ids, teacher_probs, N, other_bucket)
-    use_kl = ids is not None and alpha < 1.0
-    use_ce = ids is None or alpha > 0.0
-    if use_ce and targets is None:
-        raise ValueError("targets are needed for the cross-entropy term (alpha > 0 or no teacher)")
-    if targets is not None and targets.numel() != N:
-        raise ValueError(f"targets have {targets.numel()} rows but hidden {N}")
+    ids, probs, use_kl, use_ce = _loss_terms(teacher_ids, teacher_probs, targets, N, alpha, other_bucket, "hidden")
 
     valid = target_mask(targets, mask, N, ignore_index).to(h.device)
     keep = valid.nonzero().squeeze(1)
