@@ -300,7 +300,7 @@ def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
     bar = tqdm(total=len(store), unit="seq", desc="evaluating store", dynamic_ncols=True, disable=not progress)
     if mcqa:
         labels = list(data.get("choice_labels") or [])
-        choice_ids = torch.tensor(data.get("choice_token_ids") or [], dtype=torch.long)
+        choice_ids = torch.tensor(store.choice_token_ids, dtype=torch.long)
         if not labels or len(labels) != len(choice_ids):
             raise FirstKDError(f"store {store.path} is a multiple-choice store without option token ids: re-create it "
                                "with `first-kd cache ... --overwrite`")

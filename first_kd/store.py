@@ -332,6 +332,12 @@ class TopKStore:
         return dict(self.attrs.get("temperature") or {})
 
     @property
+    def choice_token_ids(self) -> list[int]:
+        """Token ids of the option letters of a multiple-choice store ([] for prompt/response data)."""
+        data = self.attrs.get("data") or {}
+        return [int(i) for i in data.get("choice_token_ids") or []] if data.get("format") == "mcqa" else []
+
+    @property
     def n_positions(self) -> int:
         return int(self._pos_offsets[-1])
 

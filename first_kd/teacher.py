@@ -21,6 +21,7 @@ from typing import Literal, Optional
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from first_kd import __version__
@@ -141,27 +142,16 @@ def _plan(cfg: CacheConfig, tokenizer, model_config, dtype, vocab_size: int) -> 
     fingerprint = data_fingerprint(tokenized)
     attrs = _plan_attrs(cfg, tokenizer, model_config, dtype, info, fingerprint)
     attrs.update(k=cfg.k, chunk_positions=cfg.chunk_positions)
-    if out.exists() and not cfg.overwrite:
-        if not topk_store.is_store(out):
-            if out.is_dir() and not any(out.iterdir()):
-                pass
-            else:
-                raise FirstKDError(f"{out} exists and is not a first-kd store: choose another --out")
-        else:
-            import zarr
-
-            old = dict(zarr.open_group(str(out), mode="r").attrs)
-            if old.get("complete"):
-                raise FirstKDError(f"store {out} is already complete: pass --overwrite to replace it "
-                                   "(or choose another --out)")
-            if old.get("stage") == "planned":
-                why = _mismatch(old, attrs)
-                if why:
-                    raise FirstKDError(f"store {out} holds an unfinished pass with other settings ({why}): "
-                                       "re-run with the original settings to resume, or pass --overwrite")
-                print(f"first-kd cache: resuming unfinished store {out}")
-                return
-            # planning itself was interrupted: nothing of value was written, start over
+    if out.exists() and not cfg.overwrite and topk_store.is_store(out):
+        old = dict(zarr.open_group(str(out), mode="r").attrs)
+        if old.get("stage") == "planned":
+            why = _mismatch(old, attrs)
+            if why:
+                raise FirstKDError(f"store {out} holds an unfinished pass with other settings ({why}): "
+                                   "re-run with the original settings to resume, or pass --overwrite")
+            print(f"first-kd cache: resuming unfinished store {out}")
+            return
+        # planning itself was interrupted: nothing of value was written, start over
     topk_store.remove_store(out)
     # Counted from the Arrow columns: never the token lists as Python objects.
     lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy().astype(np.int64)
@@ -190,21 +180,26 @@ def _unit_batches(group, unit: int, seq_offsets, pos_offsets, batch_size: int):
         yield order[b: b + batch_size]
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out holding a finished store or someone else's files, before loading the teacher."""
+    if overwrite or not out.exists():
+        return
+    if not topk_store.is_store(out):
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise FirstKDError(f"{out} exists and is not a first-kd store: choose another --out")
+    if zarr.open_group(str(out), mode="r").attrs.get("complete"):
+        raise FirstKDError(f"store {out} is already complete: pass --overwrite to replace it "
+                           "(or choose another --out)")
+
+
 def run_cache(cfg: CacheConfig) -> int:
     from accelerate import PartialState
-
-    import zarr
 
     # cpu=True lets a CPU-only launch of several processes use gloo instead of looking for GPUs.
     state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
-    if Path(cfg.out).exists() and not cfg.overwrite and topk_store.is_store(Path(cfg.out)):
-        import zarr as _zarr
-
-        if _zarr.open_group(cfg.out, mode="r").attrs.get("complete"):
-            # Say so before loading a possibly huge teacher.
-            raise FirstKDError(f"store {cfg.out} is already complete: pass --overwrite to replace it "
-                               "(or choose another --out)")
+    _check_out(Path(cfg.out), cfg.overwrite)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)

@@ -550,16 +550,6 @@ def _open_store(path: str, tokenizer, model):
     return store
 
 
-def _store_choice_ids(store) -> list[int]:
-    """Option-letter token ids of a multiple-choice store ([] for prompt-response)."""
-    data = store.attrs.get("data") or {}
-    fmt = data.get("format", store.attrs.get("data_format"))
-    if fmt != "mcqa":
-        return []
-    ids = data.get("choice_token_ids", store.attrs.get("choice_token_ids"))
-    return [int(i) for i in ids or []]
-
-
 def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) -> tuple[DataExamples, list[int]]:
     from first_kd.data import prepare_dataset
 
@@ -641,7 +631,7 @@ def run_distill(cfg: DistillConfig) -> int:
         val_store = _open_store(cfg.val_store, tokenizer, model)
         # Validate against the same targets as training: the training store's temperature for `first`.
         val = StoreExamples(val_store, temperature, cfg.other_bucket)
-        val_teacher, val_choice_ids = use_teacher, _store_choice_ids(val_store)
+        val_teacher, val_choice_ids = use_teacher, val_store.choice_token_ids
         if cfg.val_limit:
             val = _Subset(val, cfg.val_limit)
     elif cfg.val_data:

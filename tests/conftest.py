@@ -41,3 +41,21 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is absent: real-layout tests need the shared test data beside the project")
     return path
+
+
+def build_letter_sure_model(out_dir, tokenizer, scale: float = 60.0) -> Path:
+    """A tiny Llama whose output rows of " A".." E" are scaled up: a random model spreads its mass over
+    the whole vocabulary, this one is opinionated (and over-confident) about the option letters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from first_kd.tiny import build_llama
+
+    model_dir = build_llama(out_dir, tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    with torch.no_grad():
+        for letter in LETTERS:
+            (token,) = tokenizer.encode(" " + letter, add_special_tokens=False)
+            model.lm_head.weight[token] *= scale
+    model.save_pretrained(str(model_dir))
+    return model_dir

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_letter_sure_model
 from first_kd import evaluate as E
 from first_kd import metrics as M
 from first_kd.cli import main
@@ -45,18 +46,10 @@ def write_alpaca(path, n, seed=0):
 def tiny(tmp_path_factory, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from first_kd.tiny import build_llama
-
     root = tmp_path_factory.mktemp("evaluate")
-    model_dir = build_llama(root / "model", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    # A random model spreads its mass over the whole vocabulary; scaling the output rows of the option
-    # letters makes it opinionated about them, so some letters are in its top-5 and some are not.
+    # Opinionated about the option letters, so some letters are in its top-5 and some are not.
+    model_dir = build_letter_sure_model(root / "model", tiny_tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    with torch.no_grad():
-        for letter in "ABCDE":
-            (token,) = tiny_tokenizer.encode(" " + letter, add_special_tokens=False)
-            model.lm_head.weight[token] *= 60.0
-    model.save_pretrained(str(model_dir))
     return {"root": root, "model_dir": model_dir, "tokenizer": tiny_tokenizer, "model": model.eval(),
             "mcqa": write_mcqa(root / "mcqa.jsonl", 11), "alpaca": write_alpaca(root / "alpaca.jsonl", 7)}
 

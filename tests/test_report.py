@@ -10,8 +10,8 @@ import re
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 
+from conftest import build_letter_sure_model
 from first_kd import metrics as M
 from first_kd import report as R
 from first_kd.cli import main
@@ -153,18 +153,8 @@ def write_mcqa(path, n, seed):
 
 
 def test_cache_calibrate_evaluate_report(tmp_path, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    from first_kd.tiny import build_llama
-
-    # A teacher that is sure of a random letter: scaled output rows of " A".." E" make it heavily over-confident.
-    model_dir = build_llama(tmp_path / "teacher", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    with torch.no_grad():
-        for letter in "ABCDE":
-            (token,) = tiny_tokenizer.encode(" " + letter, add_special_tokens=False)
-            model.lm_head.weight[token] *= 60.0
-    model.save_pretrained(str(model_dir))
+    # A teacher that is sure of a random letter: heavily over-confident.
+    model_dir = build_letter_sure_model(tmp_path / "teacher", tiny_tokenizer)
     train, val = tmp_path / "train.zarr", tmp_path / "val.zarr"
     for data, store in ((write_mcqa(tmp_path / "train.jsonl", 16, 0), train),
                         (write_mcqa(tmp_path / "val.jsonl", 60, 1), val)):
