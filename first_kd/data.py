@@ -79,6 +79,15 @@ class DataConfig:
     limit: Optional[int] = option(None, help="use only the first N records")
     add_eos: bool = option(
         True, help="end prompt-response targets with the tokenizer's eos token when it has one")
+    # --- Dualformer-style trace dropping (prompt-response data whose response is steps, one per line) ---
+    trace_levels: Optional[str] = option(
+        None, help="materialise each response as seeded variants, one per drop level, e.g. '0,0.5,1': 0 = the "
+                   "full trace, 0.5 = half its steps dropped, 1 = no trace (answer only); the last step is the "
+                   "answer and is always kept (see first_kd/traces.py)")
+    trace_seed: int = option(0, help="seed of which steps each variant drops")
+    step_separator: str = option("\n", help="what separates the steps of a response (a typed \\n is a newline)")
+    slow_marker: str = option("[slow]", help="control marker opening a response that shows (part of) its trace")
+    fast_marker: str = option("[fast]", help="control marker opening a response that gives the answer only")
 
     def validate(self) -> None:
         if self.max_length < 2:
