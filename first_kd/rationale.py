@@ -34,7 +34,7 @@ from first_kd.data import (LETTERS, DataConfig, _mcqa_example, _Record, _render,
 from first_kd.errors import FirstKDError
 
 EXTRACTORS = {
-    "answer-is": r"(?i:the answer is)\s*:?\s*\(?(?P<answer>-?[\w][\w,.\-/]*?)\)?[.,;:!]?(?=\s|$)",
+    "answer-is": r"(?i:the answer is)\s*:?\s*\(?[$£€]?(?P<answer>-?[\w][\w,.\-/]*?)\)?[.,;:!]?(?=\s|$)",
     "hashes": r"####\s*(?P<answer>-?[\d,]*\.?\d+)",
     "letter": r"(?i:answer is|answer:)\s*\(?(?P<answer>[A-Za-z])(?![A-Za-z])",
     "last-number": r"(?P<answer>-?\d[\d,]*(?:\.\d+)?)",
@@ -55,9 +55,12 @@ def compile_extractor(extractor: str) -> re.Pattern:
 
 def normalize_answer(text: str) -> str:
     """Canonical form used to compare answers: see the module docstring."""
-    text = text.strip().strip("\"'`").strip()
-    while text and text[-1] in ".,;:!?" and not _NUMBER.fullmatch(text):
-        text = text[:-1].rstrip()
+    previous = None
+    while text != previous:  # quotes and punctuation nest either way round: '"Rome".' and '"Rome."'
+        previous = text
+        text = text.strip().strip("\"'`")
+        if text and text[-1] in ".,;:!?" and not _NUMBER.fullmatch(text):
+            text = text[:-1]
     if len(text) >= 2 and text[0] == "(" and text[-1] == ")":
         text = text[1:-1].strip()
     plain = text.replace(",", "")

@@ -13,16 +13,21 @@ from typing import Iterable
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None,
+                    split_digits: bool = False):
     """Train a byte-level BPE tokenizer on `texts`; return a transformers fast tokenizer.
 
+    `split_digits` makes every digit its own token (as Llama and Qwen tokenizers do), which arithmetic
+    tasks need: a BPE free to merge "47" into one token hides the digits the model must add.
     Saved to `out_dir` (tokenizer.json + config) when given.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
