@@ -96,6 +96,26 @@ class DataConfig:
             raise FirstKDError(f"--limit must be a positive number of records; got {self.limit}")
         _check_template("--template", self.template, required=("question", "options"))
         _check_template("--prompt-template", self.prompt_template, required=("instruction",))
+        _check_trace_options(self)
+
+
+def _check_trace_options(cfg: DataConfig) -> None:
+    from first_kd.traces import parse_levels
+
+    if cfg.trace_levels is not None:
+        try:
+            parse_levels(cfg.trace_levels)
+        except ValueError as e:
+            raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
+    if not _unescape(cfg.step_separator):
+        raise FirstKDError("--step-separator is empty: give what separates the steps (default a newline, typed \\n)")
+    for flag, marker in (("--slow-marker", cfg.slow_marker), ("--fast-marker", cfg.fast_marker)):
+        if not marker.strip():
+            raise FirstKDError(f"{flag} is empty: give a control marker such as [slow] / [fast]")
+    # A completion is told slow or fast by the marker it starts with, so neither may start the other.
+    if cfg.slow_marker.startswith(cfg.fast_marker) or cfg.fast_marker.startswith(cfg.slow_marker):
+        raise FirstKDError(f"--slow-marker {cfg.slow_marker!r} and --fast-marker {cfg.fast_marker!r} must differ "
+                           f"and neither may begin with the other; pick two distinct markers")
 
 
 def _unescape(template: str) -> str:
@@ -416,14 +436,21 @@ def _fingerprint(ds, tokenizer, cfg: DataConfig) -> str:
 def tokenize_records(ds, tokenizer, cfg: DataConfig):
     """Turn raw records into model inputs with an exact prompt/target boundary.
 
+    With `cfg.trace_levels` set (prompt-response data only), each record becomes one row per level: its
+    Dualformer variants (first_kd.traces), ids f"{id}#full", f"{id}#drop50", f"{id}#fast" ..., the prompt
+    unchanged. A variant's target ids are the ids of `marker + separator` followed by the ids of the rest,
+    each tokenized on its own: exactly the ids `first-kd evaluate --modes slow,fast` forces after the
+    prompt, which tokenizing the joined text would not guarantee (BPE merges across the seam).
+
     Returns:
-        (dataset, info). The dataset has one row per record with columns
+        (dataset, info). The dataset has one row per record (per variant with trace levels) with columns
           id (str), input_ids (list[int]: prompt ids then target ids), target_start (int: index of the
           first target token), answer_index (int: gold option, -1 for prompt-response), n_choices
           (int: 0 for prompt-response), truncated (bool: the response was cut to fit max_length).
         info: {"format", "choice_token_ids" (id of answer_prefix + letter for A.. up to the most
           options of any record; [] for prompt-response), "choice_labels" (those letters),
-          "n_records", "n_truncated"}.
+          "n_records" (rows), "n_source_records" (records read), "n_truncated",
+          "trace_levels" (the drop levels, or None)}.
     """
     import datasets
 
@@ -446,6 +473,21 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
     templates = {"with_input": prompt_template, "without_input": _drop_input_block(prompt_template)}
     letter_ids = _letter_token_ids(tokenizer, cfg.answer_prefix) if fmt == "mcqa" else {}
     eos = tokenizer.eos_token_id if cfg.add_eos else None
+    levels = None
+    if cfg.trace_levels is not None:
+        from first_kd.traces import marker_prefix_ids, parse_levels, trace_variants
+
+        if fmt == "mcqa":
+            raise FirstKDError("--trace-levels drops reasoning steps of prompt-response data, but this data is "
+                               "multiple-choice (one answer token): drop --trace-levels or use rationale data "
+                               "(first-kd generate + filter)")
+        try:
+            levels = parse_levels(cfg.trace_levels)
+        except ValueError as e:
+            raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
+        separator = _unescape(cfg.step_separator)
+        marker_prefixes = {m: m + separator for m in (cfg.slow_marker, cfg.fast_marker)}
+        marker_ids = {m: marker_prefix_ids(tokenizer, m, separator) for m in marker_prefixes}
 
     def to_text(prompt: str) -> str:
         if not cfg.chat_template:
@@ -459,8 +501,29 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
                     {k: batch[k][j] for k in batch})
             for j, i in enumerate(indices)
         ]
-        prompts, targets, golds, n_choices = [], [], [], []
+        prompts, targets, golds, n_choices, row_records, row_ids, row_markers = [], [], [], [], [], [], []
         for rec in records:
+            if levels is not None:
+                prompt, response = _prompt_response_example(rec, cfg, layout, templates)
+                try:
+                    variants = trace_variants(rec.id, response, levels, cfg.trace_seed, separator,
+                                              cfg.slow_marker, cfg.fast_marker)
+                except ValueError as e:
+                    raise rec.fail(f"field '{cfg.output_field if layout == 'alpaca' else cfg.response_field}': "
+                                   f"{e}; fix the record or drop --trace-levels") from None
+                for level, (vid, text) in zip(levels, variants):
+                    marker = cfg.fast_marker if level == 1 else cfg.slow_marker
+                    prompts.append(to_text(prompt))
+                    targets.append(text[len(marker_prefixes[marker]):])
+                    golds.append(-1)
+                    n_choices.append(0)
+                    row_records.append(rec)
+                    row_ids.append(vid)
+                    row_markers.append(marker)
+                continue
+            row_records.append(rec)
+            row_ids.append(rec.id)
+            row_markers.append(None)
             if fmt == "mcqa":
                 prompt, gold, n = _mcqa_example(rec, cfg, answer_field)
                 for letter in LETTERS[:n]:
@@ -481,14 +544,14 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         # Chat templates render their own BOS etc. as text; adding special tokens again would double them.
         prompt_ids = tokenizer(prompts, add_special_tokens=not cfg.chat_template)["input_ids"]
         if fmt == "prompt-response":
-            target_ids = [ids + ([eos] if eos is not None else [])
-                          for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
+            target_ids = [(marker_ids[m] if m is not None else []) + ids + ([eos] if eos is not None else [])
+                          for m, ids in zip(row_markers, tokenizer(targets, add_special_tokens=False)["input_ids"])]
         else:
             target_ids = targets
 
         out = {"id": [], "input_ids": [], "target_start": [], "answer_index": golds,
                "n_choices": n_choices, "truncated": []}
-        for rec, p_ids, t_ids in zip(records, prompt_ids, target_ids):
+        for rec, rid, p_ids, t_ids in zip(row_records, row_ids, prompt_ids, target_ids):
             room = cfg.max_length - len(p_ids)
             if room < 1:
                 raise rec.fail(f"prompt is {len(p_ids)} tokens, leaving nothing of --max-length "
@@ -496,7 +559,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
             if not t_ids:
                 raise rec.fail(f"empty response in field '{cfg.output_field if layout == 'alpaca' else cfg.response_field}' "
                                f"and no eos to learn; remove the record or enable --add-eos")
-            out["id"].append(rec.id)
+            out["id"].append(rid)
             out["input_ids"].append(list(p_ids) + list(t_ids[:room]))
             out["target_start"].append(len(p_ids))
             out["truncated"].append(len(t_ids) > room)
@@ -517,7 +580,9 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
 
     ids = out["id"]
     seen: dict[str, int] = {}
-    for i, rid in enumerate(ids):
+    per_record = len(levels) if levels is not None else 1  # rows per record, in record order
+    for row, rid in enumerate(ids):
+        i = row // per_record
         if rid in seen:
             raise FirstKDError(f"record {i} (id {rid}): id repeats record {seen[rid]}; ids must be unique: "
                                f"fix the data or set --id-field to a unique field (or a missing one to "
@@ -531,7 +596,9 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         "choice_token_ids": [letter_ids[L][0] for L in labels],
         "choice_labels": labels,
         "n_records": len(out),
+        "n_source_records": len(ds),
         "n_truncated": int(sum(out["truncated"])),
+        "trace_levels": levels,
     }
     return out, info
 

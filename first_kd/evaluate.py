@@ -25,6 +25,12 @@ For the logit temperature form this is the exact conditional likelihood (see fir
 
 Outputs in --out: metrics.json (written last: its presence means the run finished), predictions.jsonl
 (one line per example) and reliability.png.
+
+Generated answers
+-----------------
+`--modes slow,fast,auto` scores something else: the model writes a rationale per question (greedy),
+its answer is extracted and compared with the gold one, and its confidence is the probability of the
+answer tokens it wrote. See first_kd.generation_eval.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -42,9 +48,9 @@ from tqdm.auto import tqdm
 
 from first_kd import metrics
 from first_kd.config import option
-from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
 from first_kd.models import head_logits, last_hidden_states
+from first_kd.rationale import RationaleConfig
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
 _HEAD_ELEMENTS = 1 << 25
@@ -54,7 +60,7 @@ _GENERIC_DIR_NAMES = {"model", "final", "checkpoint", "checkpoints", "store"}
 
 
 @dataclasses.dataclass
-class EvaluateConfig(DataConfig):
+class EvaluateConfig(RationaleConfig):
     model: Optional[str] = option(None, help="model to evaluate: hub id or local path (e.g. a distill run's OUT/model)")
     store: Optional[str] = option(
         None, help="evaluate a teacher from its cached top-k store instead of a model (no --model / --data)")
@@ -69,9 +75,27 @@ class EvaluateConfig(DataConfig):
         "auto", help="model weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     revision: Optional[str] = option(None, help="model revision (branch, tag or commit) when loading from a hub")
     trust_remote_code: bool = option(False, help="allow model code from the hub (only for models you trust)")
+    modes: List[str] = option(
+        [], help="score answers the model writes itself, per mode (comma-separated): slow = forced [slow] "
+                 "marker, fast = forced [fast] marker, auto = the model picks; needs --model and question data "
+                 "with answers (default: none, score the given targets)")
+    max_new_tokens: int = option(256, help="with --modes: most tokens generated per answer")
 
     def validate(self):
         super().validate()
+        if self.modes:
+            from first_kd.generation_eval import MODES
+
+            unknown = [m for m in self.modes if m not in MODES]
+            if unknown:
+                raise FirstKDError(f"--modes {','.join(self.modes)}: unknown mode {unknown[0]!r}; use "
+                                   f"{', '.join(MODES)} (comma-separated)")
+            if len(set(self.modes)) < len(self.modes):
+                raise FirstKDError(f"--modes {','.join(self.modes)} names a mode twice; give each once")
+            if self.store:
+                raise FirstKDError("--modes has the model write its answers: give --model and --data, not --store")
+            if self.max_new_tokens < 1:
+                raise FirstKDError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if not self.out:
             raise FirstKDError("missing --out (directory for metrics.json, predictions.jsonl, reliability.png)")
         if Path(self.out).is_file():
@@ -436,6 +460,10 @@ def _clean(value):
 
 
 def run_evaluate(cfg: EvaluateConfig) -> int:
+    if cfg.modes:
+        from first_kd.generation_eval import run_generation_evaluation
+
+        return run_generation_evaluation(cfg)
     out = Path(cfg.out)
     if cfg.store:
         from first_kd.store import open_store

@@ -136,7 +136,10 @@ class Question:
 
 
 def with_cue(prompt: str, cue: str) -> str:
-    if not cue:
+    """`prompt` followed by the reasoning cue (one space between them unless the prompt ends in
+    whitespace). A prompt that already ends with the cue is returned as it is, so the output of
+    `generate`/`filter` (prompts that carry their cue) can be evaluated or regenerated with the same cue."""
+    if not cue or prompt.rstrip().endswith(cue.strip()):
         return prompt
     return prompt + cue if prompt.endswith(("\n", " ")) else prompt + " " + cue
 

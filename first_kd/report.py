@@ -8,6 +8,9 @@ Each RUN is a `first-kd evaluate --out` directory (or its metrics.json). The rep
   * report.json: {"title", "models": {label: metrics without the bins table}, "temperature": {label: record}};
   * reliability.png: one reliability diagram per run with shared axes, at most 6 per figure
     (reliability-2.png ... hold the rest).
+
+A generation evaluation (`first-kd evaluate --modes slow,fast,auto`) gives one row per mode, labelled
+"LABEL [mode]", and the table gains a "Mean tokens" column (generated tokens per answer).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ COLUMNS = (
     ("mean_confidence", "Mean conf.", None, 4),
 )
 REQUIRED_KEYS = ("accuracy", "ece", "mce", "mean_confidence", "n", "bins")
+# Shown only when some run has it (generation evaluations); no best-of-column: fewer is not "better".
+TOKENS_COLUMN = ("mean_generated_tokens", "Mean tokens", None, 1)
 
 
 @dataclasses.dataclass
@@ -71,6 +76,27 @@ def load_run(path) -> tuple[Path, dict]:
     return file, data
 
 
+def expand_modes(labels: list[str], runs: list[dict], files: list[Path]) -> tuple[list[str], list[dict], list[Path]]:
+    """One row per mode of a generation evaluation, labelled "LABEL [mode]", holding the run's fields
+    overlaid with that mode's metrics; other runs pass through unchanged."""
+    out_labels, out_runs, out_files = [], [], []
+    for label, run, file in zip(labels, runs, files):
+        modes = run.get("modes")
+        if not isinstance(modes, dict) or not modes:
+            out_labels.append(label), out_runs.append(run), out_files.append(file)
+            continue
+        base = {k: v for k, v in run.items() if k != "modes"}
+        for mode, values in modes.items():
+            missing = [k for k in REQUIRED_KEYS if k not in (values or {})]
+            if missing:
+                raise FirstKDError(f"{file}: mode {mode!r} lacks {', '.join(missing)}: re-run the evaluation that "
+                                   "wrote it")
+            out_labels.append(f"{label} [{mode}]")
+            out_runs.append({**base, **values, "mode": mode})
+            out_files.append(file)
+    return out_labels, out_runs, out_files
+
+
 def unique_labels(labels: list[str]) -> list[str]:
     """Labels made distinct by appending " (2)", " (3)" ... to repeats."""
     seen: dict[str, int] = {}
@@ -105,14 +131,19 @@ def _temperature_text(record: Optional[dict]) -> str:
     return f"{record.get('form')} {symbol}={float(record['value']):.4g}"
 
 
+def _columns(runs: list[dict]) -> tuple:
+    return COLUMNS + ((TOKENS_COLUMN,) if any(TOKENS_COLUMN[0] in r for r in runs) else ())
+
+
 def metrics_table(labels: list[str], runs: list[dict]) -> list[str]:
     """Markdown lines of the main table; NLL cells of store runs carry a dagger (top-k scope)."""
-    head = ["Model", "Source", "Temperature"] + [title for _, title, _, _ in COLUMNS] + ["n"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] * 3 + ["---:"] * (len(COLUMNS) + 1)) + "|"]
-    best = {key: _best(runs, key, sense) for key, _, sense, _ in COLUMNS}
+    columns = _columns(runs)
+    head = ["Model", "Source", "Temperature"] + [title for _, title, _, _ in columns] + ["n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] * 3 + ["---:"] * (len(columns) + 1)) + "|"]
+    best = {key: _best(runs, key, sense) for key, _, sense, _ in columns}
     for label, run in zip(labels, runs):
         cells = [_cell(label), _cell(run.get("source", "?")), _cell(_temperature_text(run.get("temperature")))]
-        for key, _, sense, decimals in COLUMNS:
+        for key, _, sense, decimals in columns:
             text = _number(run.get(key), decimals)
             if key == "nll" and run.get("nll_scope") not in (None, "all") and text != "n/a":
                 text += " †"
@@ -183,7 +214,9 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
                     out: Path) -> str:
     levels = {run.get("level") for run in runs}
     level_text = {"answer": "multiple-choice answers (confidence renormalised over the option letters)",
-                  "token": "target tokens (top-1 probability vs the next token)"}
+                  "token": "target tokens (top-1 probability vs the next token)",
+                  "generation": "answers the model generated (confidence = its probability of the answer tokens "
+                                "it wrote; no answer = wrong with confidence 0; NLL not defined)"}
     lines = [f"# {title}", "", *metrics_table(labels, runs), ""]
     notes = ["ECE, MCE, Brier and NLL: lower is better; **bold** marks the best of a column."]
     notes.append("Scored on " + "; ".join(level_text.get(lv, str(lv)) for lv in sorted(levels, key=str)) + ".")
@@ -211,8 +244,9 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
         rel = Path(os.path.relpath(file.parent, out)).as_posix()
         what = f"model `{run.get('model')}`" if run.get("source") != "store" else \
             f"store `{run.get('store')}` (teacher `{run.get('model')}`)"
+        diagram = f"reliability-{run['mode']}.png" if run.get("mode") else "reliability.png"
         lines.append(f"- **{_cell(label)}**: {what}{_data_text(run)}; [metrics]({rel}/metrics.json), "
-                     f"[diagram]({rel}/reliability.png), [predictions]({rel}/predictions.jsonl)")
+                     f"[diagram]({rel}/{diagram}), [predictions]({rel}/predictions.jsonl)")
     return "\n".join(lines) + "\n"
 
 
@@ -226,6 +260,7 @@ def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
     if labels and len(labels) != len(runs):
         raise FirstKDError(f"{len(labels)} label(s) for {len(runs)} run(s): give one label per run")
     names = list(labels) if labels else [str(r.get("label") or default_name(f)) for r, f in zip(runs, files)]
+    names, runs, files = expand_modes(unique_labels(names), runs, files)
     names = unique_labels(names)
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(names, runs, out)

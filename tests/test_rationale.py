@@ -98,9 +98,12 @@ def test_equal_answers_written_differently_compare_equal():
     ("Q: 2+2?\nA:\n", "Let's think.", "Q: 2+2?\nA:\nLet's think."),
     ("Q: 2+2?\nA: ", "Let's think.", "Q: 2+2?\nA: Let's think."),
     ("Q: 2+2?\nA:", "", "Q: 2+2?\nA:"),
+    # a prompt that carries its cue already (generate / filter output) is left as it is
+    ("Q: 2+2?\nA: Let's think.", "Let's think.", "Q: 2+2?\nA: Let's think."),
 ])
 def test_with_cue(prompt, cue, joined):
     assert with_cue(prompt, cue) == joined
+    assert with_cue(joined, cue) == joined
 
 
 def _questions(records, **options):

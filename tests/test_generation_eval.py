@@ -1,0 +1,288 @@
+"""`first-kd evaluate --modes`: the pure helpers against independent oracles (the tokenizer's own offsets,
+hand-made spans), and a tiny Llama trained here on [slow] / [fast] variants, evaluated end to end with its
+confidences recomputed by a plain forward pass; then `first-kd report` on the result."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from first_kd import generation_eval as G
+from first_kd.cli import main
+from first_kd.data import DataConfig, tokenize_records
+from first_kd.rationale import find_answer
+from first_kd.traces import marker_prefix_ids
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAMES = "one two three four five".split()
+CUE = "Let's think step by step."
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def test_completion_mode():
+    assert G.completion_mode("[slow]\nstep\nThe answer is 3.", "[slow]", "[fast]") == "slow"
+    assert G.completion_mode("  [fast]\nThe answer is 3.", "[slow]", "[fast]") == "fast"
+    assert G.completion_mode("The answer is 3. [fast]", "[slow]", "[fast]") == "none"
+    assert G.completion_mode("", "[slow]", "[fast]") == "none"
+
+
+def test_answer_token_span_by_hand():
+    # tokens "The", " answer", " is", " 42", "." -> ends 3, 10, 13, 16, 17; answer "42" = chars [14, 16)
+    ends = [3, 10, 13, 16, 17]
+    assert G.answer_token_span(ends, 14, 16) == (3, 4)
+    assert G.answer_token_span(ends, 12, 15) == (2, 4)  # overlapping two tokens
+    assert G.answer_token_span(ends, 0, 17) == (0, 5)
+    assert G.answer_token_span(ends, 17, 18) is None  # beyond the text
+    # a 3-byte character split over three tokens: the first two complete nothing and go with the third
+    ends = [4, 4, 4, 5, 6]
+    assert G.answer_token_span(ends, 4, 5) == (1, 4)
+    assert G.answer_token_span(ends, 5, 6) == (4, 5)
+    with pytest.raises(ValueError):
+        G.answer_token_span(ends, 3, 3)
+    with pytest.raises(ValueError):
+        G.answer_token_span([3, 2], 0, 1)
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    from first_kd.tiny import train_tokenizer
+
+    # Few merges and no "€" in training, so "€" stays three byte-tokens: the multi-byte case is exercised.
+    return train_tokenizer(["the answer is 42. so the answer is twelve, not 7."] * 20, vocab_size=280)
+
+
+@pytest.mark.parametrize("text, extractor", [
+    ("so the answer is 42.", "answer-is"),
+    ("first 7, so the answer is twelve.", "answer-is"),
+    ("the price: the answer is €42", r"answer is (?P<answer>\S+)"),
+    ("the answer is 7 €", r"(?P<answer>€)"),
+])
+def test_answer_span_matches_the_tokenizer_offsets(small_tokenizer, text, extractor):
+    enc = small_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    _, start, end = find_answer(text, extractor)
+    span = G.answer_token_span(G.decoded_token_ends(small_tokenizer, ids), start, end)
+    # oracle: the tokens whose own character offsets overlap the answer
+    expected = [j for j, (a, b) in enumerate(offsets) if a < end and b > start]
+    assert span == (expected[0], expected[-1] + 1)
+    assert text[start:end] in small_tokenizer.decode(ids[span[0]: span[1]])
+
+
+def test_summarize():
+    lines = [
+        {"correct": True, "confidence": 0.9, "answer": "3", "n_generated_tokens": 10, "finished": True,
+         "chosen_mode": "slow"},
+        {"correct": False, "confidence": 0.6, "answer": "4", "n_generated_tokens": 4, "finished": True,
+         "chosen_mode": "fast"},
+        {"correct": False, "confidence": 0.0, "answer": None, "n_generated_tokens": 30, "finished": False,
+         "chosen_mode": "fast"},
+        {"correct": True, "confidence": 0.7, "answer": "5", "n_generated_tokens": 8, "finished": True,
+         "chosen_mode": "none"},
+    ]
+    s = G.summarize(lines, n_bins=10)
+    assert s["n"] == 4 and s["accuracy"] == 0.5 and s["mean_confidence"] == pytest.approx(0.55)
+    assert s["brier"] == pytest.approx(np.mean([0.01, 0.36, 0.0, 0.09]))
+    # every example in its own bin: ECE = mean |correct - confidence|
+    assert s["ece"] == pytest.approx(np.mean([0.1, 0.6, 0.0, 0.3])) and s["mce"] == pytest.approx(0.6)
+    assert s["mean_generated_tokens"] == 13.0 and s["no_answer_rate"] == 0.25 and s["finished_rate"] == 0.75
+    assert s["chosen_modes"] == {"slow": 0.25, "fast": 0.5, "none": 0.25}
+    assert s["nll"] is None and s["level"] == "generation" and sum(s["bins"]["count"]) == 4
+    assert "chosen_modes" not in G.summarize([{**x, "chosen_mode": None} for x in lines])
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end on a tiny Llama taught to answer slow or fast
+
+
+def make_questions(n=8, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(1, 4), rng.randint(1, 4)
+        out.append({"id": f"q{i}", "question": f"what is {NAMES[a - 1]} plus {NAMES[b - 1]}?", "answer": str(a + b),
+                    "steps": [f"take {NAMES[a - 1]}", f"add {NAMES[b - 1]}", f"count to {a + b}"]})
+    return out
+
+
+def train_until_memorised(model, rows, steps=200, lr=2e-2, target_loss=0.05):
+    """Full-batch CE on the target tokens of `rows` (tokenize_records output); returns the last loss."""
+    width = max(len(x) for x in rows["input_ids"])
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (x, start) in enumerate(zip(rows["input_ids"], rows["target_start"])):
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, start: len(x)] = torch.tensor(x[start:])
+        mask[r, : len(x)] = 1
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < target_loss:
+            break
+    model.eval()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from first_kd.tiny import build_llama, train_tokenizer
+
+    root = tmp_path_factory.mktemp("generation_eval")
+    questions = make_questions()
+    train = [{"id": q["id"], "prompt": f"Question: {q['question']}\nAnswer: {CUE}",
+              "response": "\n".join(q["steps"] + [f"The answer is {q['answer']}."])} for q in questions]
+    tok = train_tokenizer([r["prompt"] + "\n" + r["response"] for r in train] * 4 + ["[slow]\n[fast]\n"] * 4, 300)
+    model_dir = build_llama(root / "model", tok, hidden_size=32, num_layers=1, num_heads=2)
+    rows, _ = tokenize_records(datasets.Dataset.from_list(train), tok, DataConfig(trace_levels="0,1"))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    loss = train_until_memorised(model, rows)
+    assert loss < 0.1, f"the tiny model did not learn its 16 sequences (loss {loss:.3f})"
+    model.save_pretrained(str(model_dir))
+    test = root / "test.jsonl"
+    test.write_text("".join(json.dumps({"id": q["id"], "question": q["question"], "answer": q["answer"]}) + "\n"
+                            for q in questions))
+    out = root / "eval"
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(test), "--modes", "slow,fast,auto",
+                 "--out", str(out), "--max-new-tokens", "40", "--batch-size", "3", "--label", "tiny"]) == 0
+    return {"root": root, "model": model, "tok": tok, "questions": questions, "rows": rows, "out": out,
+            "metrics": json.loads((out / "metrics.json").read_text()),
+            "lines": [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]}
+
+
+def test_metrics_schema_and_per_mode_counts(trained):
+    metrics, lines, n = trained["metrics"], trained["lines"], len(trained["questions"])
+    assert list(metrics["modes"]) == ["slow", "fast", "auto"]
+    for key in ("accuracy", "ece", "mce", "brier", "mean_confidence", "n", "n_bins", "bins", "label", "source"):
+        assert key in metrics, key
+    top = {k: v for k, v in metrics.items() if k in metrics["modes"]["slow"]}
+    assert top == metrics["modes"]["slow"]  # the first mode is the top level
+    for mode, s in metrics["modes"].items():
+        mine = [x for x in lines if x["mode"] == mode]
+        assert [x["id"] for x in mine] == [q["id"] for q in trained["questions"]]  # data order
+        assert s["n"] == n and sum(s["bins"]["count"]) == n
+        assert s["accuracy"] == pytest.approx(np.mean([x["correct"] for x in mine]))
+        assert s["mean_confidence"] == pytest.approx(np.mean([x["confidence"] for x in mine]))
+        assert s["mean_generated_tokens"] == pytest.approx(np.mean([len(x["completion_ids"]) for x in mine]))
+        assert (trained["out"] / f"reliability-{mode}.png").read_bytes()[:8] == PNG_MAGIC
+    assert (trained["out"] / "reliability.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(lines) == 3 * n
+    chosen = metrics["modes"]["auto"]["chosen_modes"]
+    assert sum(chosen.values()) == pytest.approx(1.0) and "chosen_modes" not in metrics["modes"]["slow"]
+
+
+def test_forced_modes_start_with_the_training_marker_ids(trained):
+    tok, rows = trained["tok"], trained["rows"]
+    prompts = G.prompt_token_ids(tok, [f"Question: {q['question']}\nAnswer: {CUE}" for q in trained["questions"]])
+    for mode, variant in (("slow", "#full"), ("fast", "#fast")):
+        inputs, forced = G.mode_inputs(prompts, mode, tok, "[slow]", "[fast]", "\n")
+        assert forced == marker_prefix_ids(tok, f"[{mode}]", "\n") and len(forced) > 0
+        assert all(x[-len(forced):] == forced and x[: -len(forced)] == p for x, p in zip(inputs, prompts))
+        # token for token what the model was trained on: prompt, then the marker prefix of the variant
+        row = rows[rows["id"].index(trained["questions"][0]["id"] + variant)]
+        assert row["input_ids"][: len(inputs[0])] == inputs[0]
+        assert all(x["forced_ids"] == forced for x in trained["lines"] if x["mode"] == mode)
+    assert G.mode_inputs(prompts, "auto", tok, "[slow]", "[fast]", "\n") == (prompts, [])
+
+
+def test_the_trained_model_answers_slow_and_fast(trained):
+    by_mode = {m: [x for x in trained["lines"] if x["mode"] == m] for m in ("slow", "fast", "auto")}
+    assert all(x["finished"] and x["answer"] is not None for x in trained["lines"])
+    for mode, lines in by_mode.items():  # it learnt most of its 8 questions (a tiny model may mix one up)
+        assert trained["metrics"]["modes"][mode]["accuracy"] >= 0.75
+        assert all(x["correct"] == (x["answer"] == x["gold"]) for x in lines)
+    for x in by_mode["fast"]:  # no steps: the answer line straight away
+        assert x["completion"].startswith("The answer is ")
+    for x in by_mode["slow"]:
+        assert x["completion"].startswith("take ") and x["completion"].count("\n") == 3
+    for x in by_mode["auto"]:
+        assert x["chosen_mode"] == G.completion_mode(x["completion"], "[slow]", "[fast]") != "none"
+    slow, fast = (trained["metrics"]["modes"][m]["mean_generated_tokens"] for m in ("slow", "fast"))
+    assert fast < slow
+    # Having written a marker itself, the model goes on exactly as when that marker is forced.
+    tok = trained["tok"]
+    for x in by_mode["auto"]:
+        forced = marker_prefix_ids(tok, f"[{x['chosen_mode']}]", "\n")
+        twin = next(y for y in by_mode[x["chosen_mode"]] if y["id"] == x["id"])
+        assert x["completion_ids"][: len(forced)] == forced
+        assert x["completion_ids"][len(forced):] == twin["completion_ids"]
+        assert x["confidence"] == pytest.approx(twin["confidence"], rel=1e-4)
+        assert x["n_generated_tokens"] == twin["n_generated_tokens"] + len(forced)
+
+
+def test_confidence_is_the_answer_probability_of_a_plain_forward_pass(trained):
+    tok, model = trained["tok"], trained["model"]
+    checked = 0
+    for line in trained["lines"]:
+        q = next(q for q in trained["questions"] if q["id"] == line["id"])
+        prompt = tok(f"Question: {q['question']}\nAnswer: {CUE}")["input_ids"]
+        seq = prompt + line["forced_ids"] + line["completion_ids"]
+        gen_start = len(prompt) + len(line["forced_ids"])
+        # which generated tokens spell the answer: the shortest decoded prefixes that reach its characters
+        text_ids = line["completion_ids"][:-1] if line["finished"] else line["completion_ids"]
+        assert tok.decode(text_ids, skip_special_tokens=True) == line["completion"]
+        _, start, end = find_answer(line["completion"], "answer-is")
+        first = next(j for j in range(len(text_ids)) if len(tok.decode(text_ids[: j + 1])) > start)
+        last = next(j for j in range(len(text_ids)) if len(tok.decode(text_ids[: j + 1])) >= end) + 1
+        assert line["answer_tokens"] == [first, last]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), dim=-1)
+        expected = float(sum(logp[gen_start + j - 1, seq[gen_start + j]] for j in range(first, last)).exp())
+        assert line["confidence"] == pytest.approx(expected, rel=1e-4)
+        checked += 1
+    assert checked == len(trained["lines"])
+
+
+def test_report_shows_one_row_per_mode(trained, tmp_path):
+    assert main(["report", str(trained["out"]), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
+    assert "Mean tokens" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in md.splitlines()[4:] if line.startswith("| tiny")}
+    assert list(rows) == ["tiny [slow]", "tiny [fast]", "tiny [auto]"]
+    for mode, cells in zip(("slow", "fast", "auto"), rows.values()):
+        s = trained["metrics"]["modes"][mode]
+        cells = dict(zip(header, (c.replace("*", "") for c in cells)))
+        assert cells["Mean tokens"] == f"{s['mean_generated_tokens']:.1f}" and cells["n"] == str(s["n"])
+        assert cells["ECE"] == f"{s['ece']:.4f}"
+        assert f"(../{trained['out'].name}/reliability-{mode}.png)" in md or f"reliability-{mode}.png)" in md
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert list(report["models"]) == ["tiny [slow]", "tiny [fast]", "tiny [auto]"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "m", "--data", "d.jsonl", "--modes", "slow,medium"], "unknown mode 'medium'"),
+    (["--model", "m", "--data", "d.jsonl", "--modes", "fast,fast"], "names a mode twice"),
+    (["--store", "s.zarr", "--modes", "auto"], "not --store"),
+    (["--model", "m", "--modes", "auto"], "--data"),
+    (["--model", "m", "--data", "d.jsonl", "--modes", "auto", "--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
+    assert main(["evaluate", *args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_questions_without_answers_are_an_error(trained, tmp_path, capsys):
+    data = tmp_path / "noanswers.jsonl"
+    data.write_text(json.dumps({"id": "x", "question": "what is one plus one?"}) + "\n")
+    assert main(["evaluate", "--model", str(trained["root"] / "model"), "--data", str(data), "--modes", "auto",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no gold answer" in err and "--answer-field" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o" / "metrics.json").exists()
