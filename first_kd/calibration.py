@@ -386,9 +386,14 @@ def summary_text(record: dict, train_path, val_path) -> str:
     ]
     edge = {"prob": (min(PROB_COARSE_GRID), max(PROB_COARSE_GRID)), "logit": LOGIT_BOUNDS}[record["form"]]
     if record["value"] <= edge[0] * 1.001 or record["value"] >= edge[1] / 1.001:
-        flatter = "--form logit can flatten further" if record["form"] == "prob" else "check the held-out data"
-        lines.append(f"  note: {symbol} = {record['value']:.4g} is at the edge of the search range "
-                     f"{edge[0]:g}..{edge[1]:g}, so the optimum may lie beyond it ({flatter})")
+        if record["form"] == "logit":
+            hint = "check the held-out data"
+        elif record["value"] <= edge[0] * 1.001:
+            hint = "the raw top-k is under-confident here; --form logit searches sharper temperatures too"
+        else:
+            hint = "--form logit can flatten further"
+        lines.append(f"  note: {symbol} = {record['value']:.4g} is at or beyond the edge of the coarse grid "
+                     f"{edge[0]:g}..{edge[1]:g}, so the optimum may lie beyond it ({hint})")
     if record["ece_after"] > record["ece_before"]:
         lines.append("  note: this temperature does not lower ECE on the held-out data (the raw teacher may "
                      "already be calibrated at this level); consider --form logit or training with --loss kd")

@@ -48,6 +48,7 @@ other options is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shlex
@@ -71,67 +72,138 @@ _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 
 
+SUITES = ("calibration", "reasoning")
+# Options whose default depends on the suite: None in a config means "the suite's default". An option
+# that only one suite has is refused with the other (it would silently do nothing).
+SUITE_DEFAULTS: dict[str, dict] = {
+    "calibration": dict(n_items=20, eps=0.25, teacher_eps=0.0, n_teacher=1000, n_train=1000, n_val=1000,
+                        n_test=2000, vocab_size=512, teacher_hidden=96, teacher_layers=3, student_hidden=64,
+                        student_layers=2, teacher_steps=1000, teacher_lr=2e-3, student_steps=1500, student_lr=3e-3),
+    "reasoning": dict(digits=3, n_teacher=2000, n_train=4000, n_val=300, n_test=500, vocab_size=300,
+                      teacher_hidden=128, teacher_layers=4, student_hidden=96, student_layers=3, teacher_steps=700,
+                      teacher_lr=3e-3, student_steps=800, student_lr=3e-3, samples=4, sample_temperature=1.5,
+                      agreement=0.75, max_per_question=2, trace_levels="0,0.5,1"),
+}
+
+
+def _suite_option(name: str, help: str):
+    """A suite-dependent option: default None, the help names each suite's default."""
+    defaults = "; ".join(f"{suite}: {d[name]!r}" for suite, d in SUITE_DEFAULTS.items() if name in d)
+    return option(None, help=f"{help} (default {defaults})")
+
+
 @dataclass
 class DemoConfig:
     out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
                                            "runs, evaluations, report.md, report.json, commands.sh)")
+    suite: Literal["calibration", "reasoning"] = option(
+        "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo.py); "
+                            "reasoning: teacher-written rationales, self-consistency filtering and fast/slow "
+                            "trace dropping on multi-digit addition (first_kd/demo_reasoning.py)")
     seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
     # --- the task -----------------------------------------------------------------------------------
-    n_items: int = option(20, help="objects in the made-up world (their hidden weight order is the rule)")
-    eps: float = option(0.25, help="probability that a label is replaced by a random wrong option (train, val, test)")
-    teacher_eps: float = option(0.0, help="label noise of the teacher's own fine-tuning split; 0 = a teacher that "
-                                          "knows the rule (a tiny teacher that memorises noisy labels loses the "
-                                          "rule: see first_kd/demo.py)")
-    n_teacher: int = option(1000, help="questions the teacher is fine-tuned on (never seen by the students)")
-    n_train: int = option(1000, help="questions the students are trained on")
-    n_val: int = option(1000, help="held-out questions the temperature is fitted on")
-    n_test: int = option(2000, help="held-out questions every reported number is measured on")
-    vocab_size: int = option(512, help="BPE vocabulary size of the tokenizer trained on the task")
+    n_items: Optional[int] = _suite_option("n_items", "calibration: objects in the made-up world (their hidden "
+                                                      "weight order is the rule)")
+    eps: Optional[float] = _suite_option("eps", "calibration: probability that a label is replaced by a random "
+                                                "wrong option (train, val, test)")
+    teacher_eps: Optional[float] = _suite_option(
+        "teacher_eps", "calibration: label noise of the teacher's own fine-tuning split; 0 = a teacher that knows "
+                       "the rule (a tiny teacher that memorises noisy labels loses the rule: see first_kd/demo.py)")
+    digits: Optional[int] = _suite_option("digits", "reasoning: digits of each addend")
+    n_teacher: Optional[int] = _suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
+                                                          "the students)")
+    n_train: Optional[int] = _suite_option("n_train", "questions the students are trained on")
+    n_val: Optional[int] = _suite_option("n_val", "held-out questions the temperature is fitted on")
+    n_test: Optional[int] = _suite_option("n_test", "held-out questions every reported number is measured on")
+    vocab_size: Optional[int] = _suite_option("vocab_size", "BPE vocabulary size of the tokenizer trained on the task")
     # --- the models ---------------------------------------------------------------------------------
-    teacher_hidden: int = option(96, help="teacher hidden size")
-    teacher_layers: int = option(3, help="teacher transformer layers")
-    student_hidden: int = option(64, help="student hidden size")
-    student_layers: int = option(2, help="student transformer layers")
+    teacher_hidden: Optional[int] = _suite_option("teacher_hidden", "teacher hidden size")
+    teacher_layers: Optional[int] = _suite_option("teacher_layers", "teacher transformer layers")
+    student_hidden: Optional[int] = _suite_option("student_hidden", "student hidden size")
+    student_layers: Optional[int] = _suite_option("student_layers", "student transformer layers")
     heads: int = option(4, help="attention heads of both models")
     # --- training -----------------------------------------------------------------------------------
-    teacher_steps: int = option(1000, help="optimizer steps of the teacher's fine-tuning")
-    teacher_lr: float = option(2e-3, help="teacher peak learning rate")
-    student_steps: int = option(1500, help="optimizer steps of each student (the same budget for all three)")
-    student_lr: float = option(3e-3, help="student peak learning rate")
+    teacher_steps: Optional[int] = _suite_option("teacher_steps", "optimizer steps of the teacher's fine-tuning")
+    teacher_lr: Optional[float] = _suite_option("teacher_lr", "teacher peak learning rate")
+    student_steps: Optional[int] = _suite_option("student_steps", "optimizer steps of each student (the same "
+                                                                  "budget for all)")
+    student_lr: Optional[float] = _suite_option("student_lr", "student peak learning rate")
     batch_size: int = option(32, help="questions per optimizer step (teacher and students)")
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", help="learning-rate decay after warmup")
     k: int = option(5, help="top-k kept per position by `first-kd cache`")
     form: Literal["prob", "logit"] = option("prob", help="temperature form fitted by `first-kd calibrate` "
                                                          "(prob: FIRST's softmax(p / c))")
+    # --- the reasoning suite's teacher-written targets ------------------------------------------------
+    samples: Optional[int] = _suite_option("samples", "reasoning: rationales the teacher writes per train question")
+    sample_temperature: Optional[float] = _suite_option("sample_temperature",
+                                                        "reasoning: sampling temperature of those rationales")
+    agreement: Optional[float] = _suite_option("agreement", "reasoning: self-consistency threshold (share of the "
+                                                            "samples that must give the majority answer)")
+    max_per_question: Optional[int] = _suite_option("max_per_question", "reasoning: correct rationales kept per "
+                                                                        "question (Fine-tune-CoT)")
+    trace_levels: Optional[str] = _suite_option("trace_levels", "reasoning: trace drop levels of the dual-mode "
+                                                                "student (0 = full trace, 1 = answer only)")
     threads: int = option(1, help="torch CPU threads; tiny models run fastest on one, and more threads "
                                   "on a shared machine spin against each other")
+
+    def resolved(self) -> "DemoConfig":
+        """This config with the suite's defaults filled in where an option was left unset."""
+        defaults = SUITE_DEFAULTS[self.suite]
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def validate(self) -> None:
         if not self.out:
             raise FirstKDError("missing --out (the directory the demo writes everything to)")
         if Path(self.out).is_file():
             raise FirstKDError(f"--out {self.out} is a file: give a directory")
+        foreign = sorted(k for d in SUITE_DEFAULTS.values() for k in d
+                         if k not in SUITE_DEFAULTS[self.suite] and getattr(self, k) is not None)
+        if foreign:
+            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+            other = next(s for s in SUITES if s != self.suite)
+            raise FirstKDError(f"{flags} belong(s) to --suite {other}, not {self.suite}: drop it or set --suite {other}")
+        r = self.resolved()
         checks = [
-            (self.n_items >= N_OPTIONS, f"--n-items must be >= {N_OPTIONS} (one per option); got {self.n_items}"),
-            (0.0 <= self.eps < 1.0 - 1.0 / N_OPTIONS and 0.0 <= self.teacher_eps < 1.0 - 1.0 / N_OPTIONS,
-             f"--eps and --teacher-eps must be in [0, {1 - 1 / N_OPTIONS:g}) so the true answer stays the likeliest "
-             f"label; got {self.eps} and {self.teacher_eps}"),
-            (min(self.n_teacher, self.n_train, self.n_val, self.n_test) >= 1,
+            (min(r.n_teacher, r.n_train, r.n_val, r.n_test) >= 1,
              "--n-teacher, --n-train, --n-val and --n-test must all be >= 1"),
-            (self.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {self.vocab_size}"),
-            (min(self.teacher_hidden, self.teacher_layers, self.student_hidden, self.student_layers, self.heads) >= 1,
+            (r.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {r.vocab_size}"),
+            (min(r.teacher_hidden, r.teacher_layers, r.student_hidden, r.student_layers, r.heads) >= 1,
              "model sizes must be >= 1"),
-            (self.teacher_hidden % self.heads == 0 and self.student_hidden % self.heads == 0,
-             f"--teacher-hidden and --student-hidden must be multiples of --heads ({self.heads})"),
-            (self.teacher_steps >= 1 and self.student_steps >= 1, "--teacher-steps and --student-steps must be >= 1"),
-            (self.teacher_lr > 0 and self.student_lr > 0, "--teacher-lr and --student-lr must be > 0"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
-            (self.k >= N_OPTIONS, f"--k must be >= {N_OPTIONS} to hold every option letter; got {self.k}"),
-            (self.threads >= 1, f"--threads must be >= 1; got {self.threads}"),
+            (r.teacher_hidden % r.heads == 0 and r.student_hidden % r.heads == 0,
+             f"--teacher-hidden and --student-hidden must be multiples of --heads ({r.heads})"),
+            (r.teacher_steps >= 1 and r.student_steps >= 1, "--teacher-steps and --student-steps must be >= 1"),
+            (r.teacher_lr > 0 and r.student_lr > 0, "--teacher-lr and --student-lr must be > 0"),
+            (r.batch_size >= 1, f"--batch-size must be >= 1; got {r.batch_size}"),
+            (r.threads >= 1, f"--threads must be >= 1; got {r.threads}"),
         ]
+        if r.suite == "calibration":
+            checks += [
+                (r.n_items >= N_OPTIONS, f"--n-items must be >= {N_OPTIONS} (one per option); got {r.n_items}"),
+                (0.0 <= r.eps < 1.0 - 1.0 / N_OPTIONS and 0.0 <= r.teacher_eps < 1.0 - 1.0 / N_OPTIONS,
+                 f"--eps and --teacher-eps must be in [0, {1 - 1 / N_OPTIONS:g}) so the true answer stays the "
+                 f"likeliest label; got {r.eps} and {r.teacher_eps}"),
+                (r.k >= N_OPTIONS, f"--k must be >= {N_OPTIONS} to hold every option letter; got {r.k}"),
+            ]
+        else:
+            checks += [
+                (1 <= r.digits <= 9, f"--digits must be in 1..9; got {r.digits}"),
+                (r.samples >= 1, f"--samples must be >= 1; got {r.samples}"),
+                (r.sample_temperature > 0 or r.samples == 1,
+                 "--sample-temperature must be > 0 to draw several --samples"),
+                (0.0 < r.agreement <= 1.0, f"--agreement must be in (0, 1]; got {r.agreement}"),
+                (r.max_per_question >= 0, f"--max-per-question must be >= 0 (0 = no cap); got {r.max_per_question}"),
+                (r.k >= 1, f"--k must be >= 1; got {r.k}"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise FirstKDError(message)
+        if r.suite == "reasoning":
+            from first_kd.traces import parse_levels
+
+            levels = parse_levels(r.trace_levels)
+            if 0.0 not in levels or 1.0 not in levels:
+                raise FirstKDError(f"--trace-levels {r.trace_levels} must include 0 (the full trace: slow mode) and "
+                                   f"1 (answer only: fast mode)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +406,8 @@ def pipeline(cfg: DemoConfig, lay: Layout) -> list[Step]:
 def write_commands(path: Path, cfg: DemoConfig, steps: list[Step]) -> None:
     lines = [
         "#!/usr/bin/env bash",
-        f"# The first-kd commands `first-kd demo --out {cfg.out}` ran, in order. Run them from the directory",
+        f"# The first-kd commands `first-kd demo --suite {cfg.suite} --out {cfg.out}` ran, in order. Run them "
+        "from the directory",
         "# the demo was run in. The data (data/*.jsonl), the tokenizer and the untrained models (models/)",
         "# were written by the demo itself (first_kd.demo, first_kd.tiny) before these commands.",
         "# A finished step refuses to run again (cache) or says there is nothing to do (distill): add",
@@ -554,6 +627,11 @@ def run_demo(cfg: DemoConfig) -> int:
 
     from first_kd.store import verify
 
+    cfg = cfg.resolved()
+    if cfg.suite == "reasoning":
+        from first_kd.demo_reasoning import run_reasoning_demo
+
+        return run_reasoning_demo(cfg)
     lay = Layout(cfg.out)
     _check_out_dir(cfg, lay)
     lay.root.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,7 @@ def _plan_attrs(cfg: CacheConfig, tokenizer, model_config, dtype, info: dict, fi
         "data": {"source": cfg.data, "split": cfg.split, "format": info["format"], "fingerprint": fingerprint,
                  "n_truncated": info.get("n_truncated", 0), "choice_token_ids": info.get("choice_token_ids", []),
                  "choice_labels": info.get("choice_labels", []), "template": cfg.template,
-                 "chat_template": cfg.chat_template},
+                 "chat_template": cfg.chat_template, "trace_levels": info.get("trace_levels")},
         "max_length": cfg.max_length,
         "created_by": f"first-kd {__version__}",
     }

@@ -148,6 +148,19 @@ def _warn(message: str) -> None:
     print(f"first-kd distill: warning: {message}", file=sys.stderr)
 
 
+def _warn_generative_store(data: dict, cfg: "DistillConfig") -> None:
+    """Two ways a KL student over free-text targets can learn the wrong thing, told before training."""
+    if data.get("format") == "prompt-response" and not cfg.other_bucket and cfg.alpha == 0:
+        # Measured on the reasoning demo: a student trained this way fits the training rationales yet writes
+        # stray tokens when it generates, because nothing pushed their logits down.
+        _warn("the renormalised top-k KL constrains only the teacher's top-k ids, so a student that generates "
+              "free text can put mass anywhere else: add --other-bucket (FIRST's (k+1)-th bucket) or --alpha > 0")
+    levels = data.get("trace_levels")
+    if levels and any(0 < level < 1 for level in levels):
+        _warn("this store holds traces with dropped steps: after a skip the teacher's top-k predicts the step it "
+              "expected, not the variant's next one; train dual-mode students with --loss ce (or a CE mix)")
+
+
 def _say(message: str) -> None:
     print(f"first-kd distill: {message}", file=sys.stderr)
 
@@ -617,6 +630,8 @@ def run_distill(cfg: DistillConfig) -> int:
             _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
                   "`first-kd calibrate` on it first to distil calibrated targets (proceeding uncalibrated)")
         train = StoreExamples(store, temperature, cfg.other_bucket)
+        if use_teacher:
+            _warn_generative_store(store.attrs.get("data") or {}, cfg)
         if cfg.data:
             _warn(f"--data {cfg.data} is not used: --loss {cfg.loss} trains on the tokens of --store")
     else:

@@ -258,7 +258,7 @@ def test_summary_flags_a_fit_at_the_edge_of_its_range_and_a_worse_ece():
     record = {"form": "prob", "value": 1.0, "objective": "ece", "ece_before": 0.10, "ece_after": 0.12,
               "nll_before": 1.0, "nll_after": None, "n_positions": 10, "n_nll_positions": 0, "level": "answer"}
     text = C.summary_text(record, "train.zarr", "val.zarr")
-    assert "edge of the search range" in text and "does not lower ECE" in text and "n/a" in text
+    assert "edge of the coarse grid" in text and "does not lower ECE" in text and "n/a" in text
     record.update(value=0.62, ece_after=0.05)
     text = C.summary_text(record, "train.zarr", "val.zarr")
     assert "c = 0.62" in text and "note" not in text and len(text.splitlines()) <= 8

@@ -328,17 +328,18 @@ def test_every_recipe_validates_against_its_commands(path):
         assert read_yaml(str(path), command) == options
 
 
-def test_demo_yaml_is_the_default_run():
-    path = REPO / "configs" / "demo.yaml"
+@pytest.mark.parametrize("name, suite", [("demo.yaml", "calibration"), ("demo-reasoning.yaml", "reasoning")])
+def test_demo_yaml_is_the_default_run(name, suite):
+    path = REPO / "configs" / name
     first_line = path.read_text().splitlines()[0]
-    assert first_line.startswith("#") and "first-kd demo --config configs/demo.yaml" in first_line
+    assert first_line.startswith("#") and f"first-kd demo --config configs/{name}" in first_line
     values = read_yaml(str(path), "demo")
-    defaults = {f.name: f.default for f in dataclasses.fields(DemoConfig) if f.name != "out"}
-    assert values == defaults
-    # and the CLI reads it to the same config as no --config at all
+    resolved = dataclasses.asdict(DemoConfig(suite=suite).resolved())
+    assert values == {k: v for k, v in resolved.items() if k != "out" and v is not None}
+    # and the CLI reads it to the same run as no --config at all
     parser = cli.build_parser()
     from first_kd.config import from_args
 
     via_yaml = from_args(DemoConfig, parser.parse_args(["demo", "--config", str(path), "--out", "x"]), "demo")
-    plain = from_args(DemoConfig, parser.parse_args(["demo", "--out", "x"]), "demo")
-    assert via_yaml == plain
+    plain = from_args(DemoConfig, parser.parse_args(["demo", "--suite", suite, "--out", "x"]), "demo")
+    assert via_yaml.resolved() == plain.resolved()

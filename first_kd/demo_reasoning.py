@@ -1,0 +1,419 @@
+"""`first-kd demo --suite reasoning`: teacher-written targets on a task built here, on a CPU.
+
+The task: multi-digit addition with carries
+-------------------------------------------
+"Question: 152+269\\nAnswer: Let's think step by step." The teacher's trace works from the rightmost
+digit, one step per line, and ends with the answer:
+
+    2+9+0=11 write 1 carry 1
+    5+6+1=12 write 2 carry 1
+    1+2+1=4 write 4 carry 0
+    #### 421
+
+Why this task: the answer's leading digit depends on the carries out of every lower digit. A small
+model that answers directly must do that whole chain inside one forward pass per digit, most significant
+first; with the trace every step is a lookup over three digits that are written right before it. The
+trace can be generated exactly, so the teacher's data is correct by construction and every rationale can
+be checked. Digits are single tokens (first_kd.tiny.train_tokenizer(split_digits=True)), as with Llama
+and Qwen tokenizers.
+
+Splits (DIR/data): `teacher` (prompt + full trace: the teacher's fine-tuning data), `val` (prompt + full
+trace of held-out problems: where the temperature is fitted), `train` and `test` (question + gold answer),
+and `answers` (the train questions with the gold answer as the whole response, no cue: the answers-only
+baseline's data). No problem is in two splits.
+
+The story, every step a public command (DIR/commands.sh)
+--------------------------------------------------------
+1. `distill --loss ce` fine-tunes the teacher on full traces;
+2. `generate`: the teacher writes `samples` rationales per train question, sampled at
+   `sample_temperature` (hot enough that some go wrong, so the filters have work);
+3. `filter --method finetune-cot`: keep the rationales whose answer is the gold one, up to
+   `max_per_question` diverse ones per question (Fine-tune-CoT);
+   `filter --method self-consistency --final-answer-only`: the same samples as if unlabelled, a question
+   kept when `agreement` of its samples give the majority answer (System-2 distillation); its report
+   compares the accuracy of the kept pseudo-labels with that of all of them;
+4. `cache` the teacher's top-k over the kept rationales and over the val traces, and `calibrate` on val:
+   token-level distillation over sequence-level targets;
+5. three students from one initialisation and budget:
+   student_cot      `distill --loss first --other-bucket` on the cached top-k of the kept rationales.
+                    The other bucket is needed for a student that generates: the renormalised top-k KL
+                    alone never pushes down tokens outside the teacher's top-k, and a student trained
+                    without it fits its rationales yet writes stray tokens (0.25-0.5 accuracy instead of
+                    1.0 in the runs that found this);
+   student_answers  `distill --loss ce` on the gold answers alone (no rationale);
+   student_dual     `distill --loss ce` on Dualformer variants of the kept rationales
+                    (`--trace-levels`, materialised when the data is read): the full trace opened by
+                    [slow], traces with steps dropped (also [slow]) and the answer alone opened by [fast].
+                    CE, not the teacher's top-k: the teacher never saw a dropped step, so after a skip its
+                    top-k predicts the skipped step, not the variant's next one (first_kd/traces.py).
+6. `evaluate --modes`: each model writes its own rationale greedily on the test questions; accuracy,
+   ECE of the answer's probability, mean generated tokens, per mode for the dual student (slow and fast
+   forced with the marker, auto = the student picks);
+7. `report`, and the checks the suite is meant to show (report.md, report.json).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import yaml
+
+from first_kd.config import to_dict
+from first_kd.errors import FirstKDError
+from first_kd.rationale import with_cue
+
+CUE = "Let's think step by step."
+QA_TEMPLATE = "Question: {question}\nAnswer:"
+EXTRACTOR = "hashes"
+# Room for the longest trace: digits + 1 lines of ~15 tokens, the answer line and the marker.
+_TOKENS_PER_STEP = 16
+EVALUATED = ("teacher", "student_cot", "student_answers", "student_dual")
+
+
+# ----------------------------------------------------------------------------------------------
+# The task: pure functions
+# ----------------------------------------------------------------------------------------------
+
+
+def addition_trace(a: int, b: int, digits: int) -> list[str]:
+    """The steps of a + b, rightmost digit first, then the answer line "#### a+b"."""
+    steps, carry = [], 0
+    for x, y in zip(str(a).zfill(digits)[::-1], str(b).zfill(digits)[::-1]):
+        total = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}+{carry}={total} write {total % 10} carry {total // 10}")
+        carry = total // 10
+    return steps + [f"#### {a + b}"]
+
+
+def question_prompt(question: str, cue: str = CUE) -> str:
+    """The prompt `first-kd generate` / `evaluate` render for a question with the suite's template."""
+    return with_cue(QA_TEMPLATE.format(question=question), cue)
+
+
+def make_splits(seed: int, digits: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
+    """{split: records}: `sizes[split]` distinct problems per split, no problem in two splits.
+
+    The teacher split holds prompt/response records (full traces); the others question/answer records.
+    """
+    rng = random.Random(f"{seed}-addition-{digits}")
+    low, high = 10 ** (digits - 1), 10 ** digits
+    room = (high - low) ** 2
+    if sum(sizes.values()) > room // 2:
+        raise FirstKDError(f"{sum(sizes.values())} problems asked of {digits}-digit addition, which has {room}: "
+                           f"raise --digits or lower the split sizes")
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, n in sizes.items():
+        rows = []
+        while len(rows) < n:
+            a, b = rng.randrange(low, high), rng.randrange(low, high)
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            rid, question = f"{name}-{len(rows)}", f"{a}+{b}"
+            if name in ("teacher", "val"):
+                rows.append({"id": rid, "prompt": question_prompt(question),
+                             "response": "\n" + "\n".join(addition_trace(a, b, digits))})
+            else:
+                rows.append({"id": rid, "question": question, "answer": str(a + b)})
+        out[name] = rows
+    out["answers"] = [{"id": r["id"], "prompt": question_prompt(r["question"], cue=""),
+                       "response": f" #### {r['answer']}"} for r in out["train"]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------
+
+
+class Layout:
+    """Where everything lives under DIR."""
+
+    def __init__(self, out: str):
+        self.root = Path(out)
+        self.data = self.root / "data"
+        self.models = self.root / "models"
+        self.generated = self.root / "generated"
+        self.filtered = self.root / "filtered"
+        self.stores = self.root / "stores"
+        self.runs = self.root / "runs"
+        self.evals = self.root / "eval"
+
+    def split(self, name: str) -> Path:
+        return self.data / f"{name}.jsonl"
+
+
+def pipeline(cfg, lay: Layout) -> list:
+    from first_kd.demo import Step, _calibrated_from, _store_complete
+
+    teacher = lay.runs / "teacher" / "model"
+    max_new = _TOKENS_PER_STEP * (cfg.digits + 2)
+    common_train = ["--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
+                    "--seed", str(cfg.seed), "--save-every", "0", "--max-steps", str(cfg.student_steps)]
+    gen = lay.generated / "train.jsonl"
+    cot = lay.filtered / "train_cot.jsonl"
+    # The temperature is fitted on exact traces of held-out problems: how sure the teacher should be
+    # of each token of a correct rationale it has not seen.
+    cache_data = {"train": cot, "val": lay.split("val")}
+    store = {"train": lay.stores / "train.zarr", "val": lay.stores / "val.zarr"}
+    sc = lay.filtered / "train_sc.jsonl"
+    steps = [Step(
+        "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
+                    "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
+                    "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
+                    "--seed", str(cfg.seed), "--save-every", "0"],
+        lambda: (lay.runs / "teacher" / "summary.json").is_file(),
+        "fine-tune the teacher on full addition traces")]
+    sampling = ["--samples", str(cfg.samples)] + (["--temperature", str(cfg.sample_temperature)]
+                                                  if cfg.samples > 1 else [])
+    steps.append(Step(
+        "generate", ["generate", "--teacher", str(teacher), "--data", str(lay.split("train")), "--out", str(gen),
+                     *sampling, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new), "--batch-size", "32",
+                     "--seed", str(cfg.seed)],
+        lambda: gen.is_file(),
+        f"the teacher writes {cfg.samples} rationale(s) per train question"
+        + (f", sampled at temperature {cfg.sample_temperature:g}" if cfg.samples > 1 else " (greedy)")))
+    steps.append(Step(
+        "filter cot", ["filter", str(gen), "--method", "finetune-cot", "--max-per-question",
+                       str(cfg.max_per_question), "--out", str(cot)],
+        lambda: cot.is_file(),
+        f"Fine-tune-CoT: keep rationales whose answer is the gold one, up to {cfg.max_per_question} diverse ones "
+        "per question"))
+    steps.append(Step(
+        "filter self-consistency", ["filter", str(gen), "--method", "self-consistency", "--threshold",
+                                    str(cfg.agreement), "--final-answer-only", "--out", str(sc)],
+        lambda: sc.is_file(),
+        "System-2 distillation on the same samples as if unlabelled: majority answer, kept when "
+        f"{cfg.agreement:g} of the samples agree (its report scores the pseudo-labels against the gold ones)"))
+    for split in ("train", "val"):
+        steps.append(Step(
+            f"cache {split}", ["cache", "--teacher", str(teacher), "--data", str(cache_data[split]), "--out",
+                               str(store[split]), "--k", str(cfg.k)],
+            lambda s=split: _store_complete(store[s]),
+            f"the teacher's top-{cfg.k} over " + ("the kept train rationales" if split == "train"
+                                                  else "exact traces of the val problems")))
+    steps.append(Step(
+        "calibrate", ["calibrate", "--store", str(store["train"]), "--val-store", str(store["val"]), "--form", cfg.form],
+        lambda: _calibrated_from(store["train"], store["val"]),
+        "fit the temperature on the val traces; recorded in the train store"))
+    steps.append(Step(
+        "student cot", ["distill", "--student", str(lay.models / "student-init"), "--store", str(store["train"]),
+                        "--loss", "first", "--other-bucket", "--out", str(lay.runs / "student_cot"), *common_train],
+        lambda: (lay.runs / "student_cot" / "summary.json").is_file(),
+        "student distilled from the teacher's calibrated top-k over its filtered rationales; the other bucket "
+        "makes it push down every token outside the top-k, which a student that generates needs"))
+    steps.append(Step(
+        "student answers", ["distill", "--student", str(lay.models / "student-init"), "--data",
+                            str(lay.split("answers")), "--loss", "ce", "--out", str(lay.runs / "student_answers"),
+                            *common_train],
+        lambda: (lay.runs / "student_answers" / "summary.json").is_file(),
+        "baseline: student fine-tuned on the gold answers alone"))
+    steps.append(Step(
+        "student dual", ["distill", "--student", str(lay.models / "student-init"), "--data", str(cot),
+                         "--trace-levels", cfg.trace_levels, "--trace-seed", str(cfg.seed), "--loss", "ce",
+                         "--out", str(lay.runs / "student_dual"), *common_train],
+        lambda: (lay.runs / "student_dual" / "summary.json").is_file(),
+        f"Dualformer: student fine-tuned on trace variants (drop levels {cfg.trace_levels}) opened by [slow] / [fast]"))
+    models = {"teacher": teacher, "student_cot": lay.runs / "student_cot" / "model",
+              "student_answers": lay.runs / "student_answers" / "model",
+              "student_dual": lay.runs / "student_dual" / "model"}
+    for label, model in models.items():
+        modes = "slow,fast,auto" if label == "student_dual" else "auto"
+        cue = ["--cue", ""] if label == "student_answers" else []
+        steps.append(Step(
+            f"evaluate {label}", ["evaluate", "--model", str(model), "--data", str(lay.split("test")), "--modes",
+                                  modes, *cue, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new),
+                                  "--label", label, "--out", str(lay.evals / label)],
+            lambda s=label: (lay.evals / s / "metrics.json").is_file(),
+            f"{label} answers the test questions (greedy), modes {modes}"))
+    steps.append(Step(
+        "report", ["report", ",".join(str(lay.evals / m) for m in EVALUATED), "--labels", ",".join(EVALUATED),
+                   "--title", f"first-kd reasoning demo (seed {cfg.seed})", "--out", str(lay.root)],
+        lambda: False,
+        "collect the evaluations into report.md / report.json / reliability.png"))
+    return steps
+
+
+def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
+    """Data splits, a digit-splitting tokenizer and the two untrained models (skipped when present)."""
+    from first_kd.demo import _write_jsonl
+    from first_kd.tiny import build_llama, train_tokenizer
+
+    sizes = {"teacher": cfg.n_teacher, "train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    splits = make_splits(cfg.seed, cfg.digits, sizes)
+    lay.data.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        if not lay.split(name).is_file():
+            _write_jsonl(lay.split(name), rows)
+    teacher_dir, student_dir = lay.models / "teacher-init", lay.models / "student-init"
+    if (teacher_dir / "config.json").is_file() and (student_dir / "config.json").is_file():
+        return splits
+    # The markers and the answers-only layout are in the corpus so they get tokens of their own.
+    texts = ([r["prompt"] + r["response"] for r in splits["teacher"]]
+             + [r["prompt"] + r["response"] for r in splits["answers"]] + ["[slow]\n[fast]\n"] * 100)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, split_digits=True)
+    positions = 64 + _TOKENS_PER_STEP * (cfg.digits + 2)
+    build_llama(teacher_dir, tokenizer, hidden_size=cfg.teacher_hidden, num_layers=cfg.teacher_layers,
+                num_heads=cfg.heads, max_position_embeddings=positions, seed=cfg.seed)
+    build_llama(student_dir, tokenizer, hidden_size=cfg.student_hidden, num_layers=cfg.student_layers,
+                num_heads=cfg.heads, max_position_embeddings=positions, seed=cfg.seed + 1)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Results and checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(lay: Layout) -> dict:
+    """Per model and mode: accuracy, ECE, mean generated tokens ...; the filters' reports."""
+    models = {}
+    for label in EVALUATED:
+        metrics = _read_json(lay.evals / label / "metrics.json")
+        models[label] = {mode: {k: m.get(k) for k in ("accuracy", "ece", "mce", "brier", "mean_confidence",
+                                                      "mean_generated_tokens", "no_answer_rate", "n",
+                                                      "chosen_modes") if k in m}
+                         for mode, m in (metrics.get("modes") or {}).items()}
+    filters = {name: _read_json(lay.filtered / f"{name}.filter.json") for name in ("train_cot", "train_sc")}
+    return {"models": models, "filters": filters}
+
+
+def claims(results: dict) -> list[dict]:
+    """What the suite is meant to show, each with its measured value and whether it holds."""
+    m = results["models"]
+    teacher, cot, answers = m["teacher"]["auto"], m["student_cot"]["auto"], m["student_answers"]["auto"]
+    slow, fast = m["student_dual"]["slow"], m["student_dual"]["fast"]
+    pseudo = results["filters"]["train_sc"].get("pseudo_labels") or {}
+    kept, every = pseudo.get("accuracy_kept"), pseudo.get("accuracy_all")
+    return [
+        {"claim": "student_cot accuracy - student_answers accuracy >= 0.20",
+         "value": cot["accuracy"] - answers["accuracy"], "ok": cot["accuracy"] - answers["accuracy"] >= 0.20},
+        {"claim": "self-consistency: accuracy of kept pseudo-labels - accuracy of all pseudo-labels >= 0",
+         "value": (kept - every) if kept is not None and every is not None else float("nan"),
+         "ok": kept is not None and every is not None and kept >= every},
+        {"claim": "student_dual: fast mean tokens / slow mean tokens <= 0.20",
+         "value": fast["mean_generated_tokens"] / max(slow["mean_generated_tokens"], 1e-9),
+         "ok": fast["mean_generated_tokens"] <= 0.20 * slow["mean_generated_tokens"]},
+        {"claim": "student_dual: teacher accuracy - slow accuracy <= 0.02",
+         "value": teacher["accuracy"] - slow["accuracy"], "ok": teacher["accuracy"] - slow["accuracy"] <= 0.02},
+    ]
+
+
+def _row(label: str, mode: str, r: dict) -> str:
+    def f(key, fmt="{:.4f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "n/a"
+
+    return (f"| {label} | {mode} | {f('accuracy')} | {f('ece')} | {f('mean_confidence')} | "
+            f"{f('mean_generated_tokens', '{:.1f}')} | {f('no_answer_rate')} |")
+
+
+def demo_markdown(report: dict) -> str:
+    cfg, results = report["demo"], report["results"]
+    lines = [
+        "## The reasoning demo", "",
+        f"Task: {cfg['digits']}-digit addition with carries; the teacher writes one line per digit and ends with "
+        f"'#### answer'. See first_kd/demo_reasoning.py for why the trace helps.", "",
+        "| model | mode | accuracy | ECE | mean conf. | mean tokens | no answer |",
+        "|:---|:---|---:|---:|---:|---:|---:|",
+    ]
+    for label, modes in results["models"].items():
+        for mode, r in modes.items():
+            lines.append(_row(label, mode, r))
+    auto = results["models"]["student_dual"].get("auto", {}).get("chosen_modes")
+    if auto:
+        lines += ["", "student_dual in auto mode chose: " + ", ".join(f"{k} {v:.1%}" for k, v in auto.items())]
+    lines += ["", "Filters (counts of samples):", ""]
+    for name, rep in results["filters"].items():
+        if rep:
+            lines.append(f"- {name}: {rep.get('method')}, kept {rep.get('records_kept')}/{rep.get('records_in')} "
+                         f"samples of {rep.get('questions_kept')}/{rep.get('questions_in')} questions")
+    pseudo = results["filters"]["train_sc"].get("pseudo_labels")
+    if pseudo:
+        lines.append(f"- self-consistency pseudo-labels: accuracy {pseudo['accuracy_kept']:.4f} over the "
+                     f"{pseudo['n_kept']} kept questions vs {pseudo['accuracy_all']:.4f} over all {pseudo['n_all']}")
+    lines += ["", "| Check | Value | Holds |", "|:---|---:|:---|",
+              *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
+              "", f"Wall time {report['wall_seconds']:.0f} s; every command is in [commands.sh](commands.sh).", ""]
+    return "\n".join(lines)
+
+
+def summary_text(report: dict) -> str:
+    lines = ["", f"first-kd demo --suite reasoning: {report['title']} -> {report['out']}"]
+    rows = [("model", "mode", "accuracy", "ECE", "mean tokens")]
+    for label, modes in report["results"]["models"].items():
+        for mode, r in modes.items():
+            rows.append((label, mode, *(f"{r[k]:.4f}" if r.get(k) is not None else "n/a" for k in ("accuracy", "ece")),
+                         f"{r['mean_generated_tokens']:.1f}" if r.get("mean_generated_tokens") is not None else "n/a"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+              for r in rows]
+    pseudo = report["results"]["filters"]["train_sc"].get("pseudo_labels")
+    if pseudo:
+        lines.append(f"  self-consistency pseudo-labels: {pseudo['accuracy_kept']:.4f} kept ({pseudo['n_kept']}) vs "
+                     f"{pseudo['accuracy_all']:.4f} all ({pseudo['n_all']})")
+    for c in report["checks"]:
+        lines.append(f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})")
+    lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
+                 f"report in {Path(report['out']) / 'report.md'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def run_reasoning_demo(cfg) -> int:
+    """`first-kd demo --suite reasoning` with a resolved DemoConfig."""
+    import torch
+
+    from first_kd.demo import _check_out_dir, _run_step, write_commands
+
+    lay = Layout(cfg.out)
+    _check_out_dir(cfg, lay)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    timings_path = lay.root / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        steps = pipeline(cfg, lay)
+        write_commands(lay.root / "commands.sh", cfg, steps)
+        total = len(steps) + 1
+        print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
+        started = time.perf_counter()
+        build_inputs(cfg, lay)
+        timings.setdefault("setup", round(time.perf_counter() - started, 2))
+        for i, step in enumerate(steps, start=2):
+            _run_step(step, i, total, timings)
+            timings_path.write_text(json.dumps(timings, indent=2))
+    finally:
+        torch.set_num_threads(threads_before)
+
+    report_path = lay.root / "report.json"
+    report = json.loads(report_path.read_text())
+    report["results"] = collect(lay)
+    report["wall_seconds"] = round(sum(timings.values()), 2)
+    report["timings"] = timings
+    report["demo"] = to_dict(cfg)
+    report["out"] = str(lay.root)
+    try:
+        report["checks"] = claims(report["results"])
+    except (KeyError, TypeError) as e:
+        raise FirstKDError(f"an evaluation in {lay.evals} lacks a metric the checks need ({e}); delete it and "
+                           "re-run the demo with the same options") from None
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    with open(lay.root / "report.md", "a") as f:
+        f.write("\n" + demo_markdown(report))
+    print(summary_text(report), flush=True)
+    return 0
