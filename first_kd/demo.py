@@ -82,7 +82,7 @@ SUITE_DEFAULTS: dict[str, dict] = {
     "reasoning": dict(digits=3, n_teacher=2000, n_train=4000, n_val=300, n_test=500, vocab_size=300,
                       teacher_hidden=128, teacher_layers=4, student_hidden=96, student_layers=3, teacher_steps=700,
                       teacher_lr=3e-3, student_steps=800, student_lr=3e-3, samples=4, sample_temperature=1.5,
-                      agreement=0.75, max_per_question=2, trace_levels="0,0.5,1"),
+                      agreement=0.75, max_per_question=2, trace_levels="0,1"),
 }
 
 

@@ -38,14 +38,21 @@ The story, every step a public command (DIR/commands.sh)
    student_cot      `distill --loss first --other-bucket` on the cached top-k of the kept rationales.
                     The other bucket is needed for a student that generates: the renormalised top-k KL
                     alone never pushes down tokens outside the teacher's top-k, and a student trained
-                    without it fits its rationales yet writes stray tokens (0.25-0.5 accuracy instead of
+                    without it fits its rationales yet writes stray tokens (0.0-0.5 accuracy over four runs, against
                     1.0 in the runs that found this);
    student_answers  `distill --loss ce` on the gold answers alone (no rationale);
    student_dual     `distill --loss ce` on Dualformer variants of the kept rationales
                     (`--trace-levels`, materialised when the data is read): the full trace opened by
-                    [slow], traces with steps dropped (also [slow]) and the answer alone opened by [fast].
-                    CE, not the teacher's top-k: the teacher never saw a dropped step, so after a skip its
-                    top-k predicts the skipped step, not the variant's next one (first_kd/traces.py).
+                    [slow] and the answer alone opened by [fast]; levels between 0 and 1 add traces with
+                    steps dropped, also opened by [slow]. CE, not the teacher's top-k: the teacher never
+                    saw a dropped step, so after a skip its top-k predicts the skipped step, not the
+                    variant's next one (first_kd/traces.py).
+                    The default levels are 0,1. On this task every step carries a digit and a carry, so
+                    a student that learnt to skip steps skips them in slow mode too and loses accuracy.
+                    Measured with seed 0: levels 0,0.5,1 gave slow-mode accuracy 0.81 after 800 steps and
+                    0.876 after 1,600 (seed 1: 0.914 after 800), against 0.996 with 0,1 and 1.0 for the
+                    teacher. Its slow traces were about 7% shorter (46-48 tokens against 50-51). Search
+                    traces like Dualformer's, whose dropped parts are redundant, do not pay this price.
 6. `evaluate --modes`: each model writes its own rationale greedily on the test questions; accuracy,
    ECE of the answer's probability, mean generated tokens, per mode for the dual student (slow and fast
    forced with the marker, auto = the student picks);
@@ -61,6 +68,7 @@ from pathlib import Path
 
 import yaml
 
+from first_kd import demo
 from first_kd.config import to_dict
 from first_kd.errors import FirstKDError
 from first_kd.rationale import with_cue
@@ -130,26 +138,16 @@ def make_splits(seed: int, digits: int, sizes: dict[str, int]) -> dict[str, list
 # ----------------------------------------------------------------------------------------------
 
 
-class Layout:
-    """Where everything lives under DIR."""
+class Layout(demo.Layout):
+    """The calibration suite's layout plus the teacher's rationales and what the filters kept."""
 
     def __init__(self, out: str):
-        self.root = Path(out)
-        self.data = self.root / "data"
-        self.models = self.root / "models"
+        super().__init__(out)
         self.generated = self.root / "generated"
         self.filtered = self.root / "filtered"
-        self.stores = self.root / "stores"
-        self.runs = self.root / "runs"
-        self.evals = self.root / "eval"
-
-    def split(self, name: str) -> Path:
-        return self.data / f"{name}.jsonl"
 
 
 def pipeline(cfg, lay: Layout) -> list:
-    from first_kd.demo import Step, _calibrated_from, _store_complete
-
     teacher = lay.runs / "teacher" / "model"
     max_new = _TOKENS_PER_STEP * (cfg.digits + 2)
     common_train = ["--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
@@ -159,9 +157,9 @@ def pipeline(cfg, lay: Layout) -> list:
     # The temperature is fitted on exact traces of held-out problems: how sure the teacher should be
     # of each token of a correct rationale it has not seen.
     cache_data = {"train": cot, "val": lay.split("val")}
-    store = {"train": lay.stores / "train.zarr", "val": lay.stores / "val.zarr"}
+    store = {"train": lay.store("train"), "val": lay.store("val")}
     sc = lay.filtered / "train_sc.jsonl"
-    steps = [Step(
+    steps = [demo.Step(
         "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
                     "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
                     "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
@@ -170,49 +168,49 @@ def pipeline(cfg, lay: Layout) -> list:
         "fine-tune the teacher on full addition traces")]
     sampling = ["--samples", str(cfg.samples)] + (["--temperature", str(cfg.sample_temperature)]
                                                   if cfg.samples > 1 else [])
-    steps.append(Step(
+    steps.append(demo.Step(
         "generate", ["generate", "--teacher", str(teacher), "--data", str(lay.split("train")), "--out", str(gen),
                      *sampling, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new), "--batch-size", "32",
                      "--seed", str(cfg.seed)],
         lambda: gen.is_file(),
         f"the teacher writes {cfg.samples} rationale(s) per train question"
         + (f", sampled at temperature {cfg.sample_temperature:g}" if cfg.samples > 1 else " (greedy)")))
-    steps.append(Step(
+    steps.append(demo.Step(
         "filter cot", ["filter", str(gen), "--method", "finetune-cot", "--max-per-question",
                        str(cfg.max_per_question), "--out", str(cot)],
         lambda: cot.is_file(),
         f"Fine-tune-CoT: keep rationales whose answer is the gold one, up to {cfg.max_per_question} diverse ones "
         "per question"))
-    steps.append(Step(
+    steps.append(demo.Step(
         "filter self-consistency", ["filter", str(gen), "--method", "self-consistency", "--threshold",
                                     str(cfg.agreement), "--final-answer-only", "--out", str(sc)],
         lambda: sc.is_file(),
         "System-2 distillation on the same samples as if unlabelled: majority answer, kept when "
         f"{cfg.agreement:g} of the samples agree (its report scores the pseudo-labels against the gold ones)"))
     for split in ("train", "val"):
-        steps.append(Step(
+        steps.append(demo.Step(
             f"cache {split}", ["cache", "--teacher", str(teacher), "--data", str(cache_data[split]), "--out",
                                str(store[split]), "--k", str(cfg.k)],
-            lambda s=split: _store_complete(store[s]),
+            lambda s=split: demo._store_complete(store[s]),
             f"the teacher's top-{cfg.k} over " + ("the kept train rationales" if split == "train"
                                                   else "exact traces of the val problems")))
-    steps.append(Step(
+    steps.append(demo.Step(
         "calibrate", ["calibrate", "--store", str(store["train"]), "--val-store", str(store["val"]), "--form", cfg.form],
-        lambda: _calibrated_from(store["train"], store["val"]),
+        lambda: demo._calibrated_from(store["train"], store["val"]),
         "fit the temperature on the val traces; recorded in the train store"))
-    steps.append(Step(
+    steps.append(demo.Step(
         "student cot", ["distill", "--student", str(lay.models / "student-init"), "--store", str(store["train"]),
                         "--loss", "first", "--other-bucket", "--out", str(lay.runs / "student_cot"), *common_train],
         lambda: (lay.runs / "student_cot" / "summary.json").is_file(),
         "student distilled from the teacher's calibrated top-k over its filtered rationales; the other bucket "
         "makes it push down every token outside the top-k, which a student that generates needs"))
-    steps.append(Step(
+    steps.append(demo.Step(
         "student answers", ["distill", "--student", str(lay.models / "student-init"), "--data",
                             str(lay.split("answers")), "--loss", "ce", "--out", str(lay.runs / "student_answers"),
                             *common_train],
         lambda: (lay.runs / "student_answers" / "summary.json").is_file(),
         "baseline: student fine-tuned on the gold answers alone"))
-    steps.append(Step(
+    steps.append(demo.Step(
         "student dual", ["distill", "--student", str(lay.models / "student-init"), "--data", str(cot),
                          "--trace-levels", cfg.trace_levels, "--trace-seed", str(cfg.seed), "--loss", "ce",
                          "--out", str(lay.runs / "student_dual"), *common_train],
@@ -224,13 +222,13 @@ def pipeline(cfg, lay: Layout) -> list:
     for label, model in models.items():
         modes = "slow,fast,auto" if label == "student_dual" else "auto"
         cue = ["--cue", ""] if label == "student_answers" else []
-        steps.append(Step(
+        steps.append(demo.Step(
             f"evaluate {label}", ["evaluate", "--model", str(model), "--data", str(lay.split("test")), "--modes",
                                   modes, *cue, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new),
                                   "--label", label, "--out", str(lay.evals / label)],
             lambda s=label: (lay.evals / s / "metrics.json").is_file(),
             f"{label} answers the test questions (greedy), modes {modes}"))
-    steps.append(Step(
+    steps.append(demo.Step(
         "report", ["report", ",".join(str(lay.evals / m) for m in EVALUATED), "--labels", ",".join(EVALUATED),
                    "--title", f"first-kd reasoning demo (seed {cfg.seed})", "--out", str(lay.root)],
         lambda: False,
@@ -240,7 +238,6 @@ def pipeline(cfg, lay: Layout) -> list:
 
 def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
     """Data splits, a digit-splitting tokenizer and the two untrained models (skipped when present)."""
-    from first_kd.demo import _write_jsonl
     from first_kd.tiny import build_llama, train_tokenizer
 
     sizes = {"teacher": cfg.n_teacher, "train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
@@ -248,7 +245,7 @@ def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
     lay.data.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         if not lay.split(name).is_file():
-            _write_jsonl(lay.split(name), rows)
+            demo._write_jsonl(lay.split(name), rows)
     teacher_dir, student_dir = lay.models / "teacher-init", lay.models / "student-init"
     if (teacher_dir / "config.json").is_file() and (student_dir / "config.json").is_file():
         return splits
@@ -283,7 +280,8 @@ def collect(lay: Layout) -> dict:
                                                       "chosen_modes") if k in m}
                          for mode, m in (metrics.get("modes") or {}).items()}
     filters = {name: _read_json(lay.filtered / f"{name}.filter.json") for name in ("train_cot", "train_sc")}
-    return {"models": models, "filters": filters}
+    generated = _read_json(lay.generated / "train.meta.json").get("counts", {})
+    return {"models": models, "filters": filters, "generated": generated}
 
 
 def claims(results: dict) -> list[dict]:
@@ -335,6 +333,11 @@ def demo_markdown(report: dict) -> str:
         if rep:
             lines.append(f"- {name}: {rep.get('method')}, kept {rep.get('records_kept')}/{rep.get('records_in')} "
                          f"samples of {rep.get('questions_kept')}/{rep.get('questions_in')} questions")
+    generated = results.get("generated") or {}
+    if generated.get("accuracy") is not None:
+        lines.append(f"- the teacher's samples: {generated['samples']:,} rationales for {generated['questions']:,} "
+                     f"questions at temperature {cfg['sample_temperature']:g}, accuracy {generated['accuracy']:.4f} "
+                     f"per sample")
     pseudo = results["filters"]["train_sc"].get("pseudo_labels")
     if pseudo:
         lines.append(f"- self-consistency pseudo-labels: accuracy {pseudo['accuracy_kept']:.4f} over the "
@@ -355,6 +358,9 @@ def summary_text(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in rows]
+    generated = report["results"].get("generated") or {}
+    if generated.get("accuracy") is not None:
+        lines.append(f"  teacher samples: accuracy {generated['accuracy']:.4f} per sample ({generated['samples']:,})")
     pseudo = report["results"]["filters"]["train_sc"].get("pseudo_labels")
     if pseudo:
         lines.append(f"  self-consistency pseudo-labels: {pseudo['accuracy_kept']:.4f} kept ({pseudo['n_kept']}) vs "
@@ -375,10 +381,8 @@ def run_reasoning_demo(cfg) -> int:
     """`first-kd demo --suite reasoning` with a resolved DemoConfig."""
     import torch
 
-    from first_kd.demo import _check_out_dir, _run_step, write_commands
-
     lay = Layout(cfg.out)
-    _check_out_dir(cfg, lay)
+    demo._check_out_dir(cfg, lay)
     lay.root.mkdir(parents=True, exist_ok=True)
     (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     timings_path = lay.root / "timings.json"
@@ -388,14 +392,14 @@ def run_reasoning_demo(cfg) -> int:
     torch.set_num_threads(cfg.threads)
     try:
         steps = pipeline(cfg, lay)
-        write_commands(lay.root / "commands.sh", cfg, steps)
+        demo.write_commands(lay.root / "commands.sh", cfg, steps)
         total = len(steps) + 1
         print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
         started = time.perf_counter()
         build_inputs(cfg, lay)
         timings.setdefault("setup", round(time.perf_counter() - started, 2))
         for i, step in enumerate(steps, start=2):
-            _run_step(step, i, total, timings)
+            demo._run_step(step, i, total, timings)
             timings_path.write_text(json.dumps(timings, indent=2))
     finally:
         torch.set_num_threads(threads_before)

@@ -121,6 +121,7 @@ def test_reasoning_demo_end_to_end(tmp_path, capsys, monkeypatch):
         for mode, m in modes.items():
             assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0 and m["mean_generated_tokens"] > 0, (label, mode)
     assert report["results"]["filters"]["train_cot"]["method"] == "finetune-cot"
+    assert report["results"]["generated"]["samples"] == 8 * 6  # n_train x samples
     assert "pseudo_labels" in report["results"]["filters"]["train_sc"]
     for name in ("report.md", "commands.sh", "demo.yaml", "generated/train.jsonl", "filtered/train_cot.jsonl",
                  "filtered/train_sc.filter.json", "stores/train.zarr", "stores/val.zarr",

@@ -187,6 +187,33 @@ def test_first_without_temperature_warns_and_equals_kd(world, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("kw, warned", [
+    (dict(), True),  # renormalised top-k KL on free text: nothing constrains the other tokens
+    (dict(other_bucket=True), False),
+    (dict(alpha=0.5), False),
+    (dict(store="mc"), False),  # multiple choice: the answer is read over the option letters only
+])
+def test_generative_store_without_other_bucket_or_ce_warns(world, tmp_path, capsys, kw, warned):
+    if kw.get("store") == "mc":
+        kw = dict(store=str(world["val_store"]))
+    run_distill(_cfg(world, tmp_path / "run", max_steps=1, **kw))
+    assert ("--other-bucket" in capsys.readouterr().err) == warned
+
+
+def test_store_with_dropped_steps_warns_kl_students(world, tmp_path, capsys):
+    import zarr
+
+    store = tmp_path / "dual.zarr"
+    shutil.copytree(world["store"], store)
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["data"] = {**group.attrs["data"], "trace_levels": [0.0, 0.5, 1.0]}
+    run_distill(_cfg(world, tmp_path / "kd", store=str(store), other_bucket=True, max_steps=1))
+    assert "dropped steps" in capsys.readouterr().err
+    group.attrs["data"] = {**group.attrs["data"], "trace_levels": [0.0, 1.0]}
+    run_distill(_cfg(world, tmp_path / "kd2", store=str(store), other_bucket=True, max_steps=1))
+    assert "dropped steps" not in capsys.readouterr().err
+
+
 def _oracle(w, record: dict, loss: str) -> dict:
     """Validation numbers computed independently: full logits from the HF forward, the teacher top-k
     read raw from the store, the temperature applied by hand, KL / CE spelled out."""
