@@ -34,7 +34,8 @@ The story, every step a public command (DIR/commands.sh)
    compares the accuracy of the kept pseudo-labels with that of all of them;
 4. `cache` the teacher's top-k over the kept rationales and over the val traces, and `calibrate` on val:
    token-level distillation over sequence-level targets;
-5. three students from one initialisation and budget:
+5. three students from one initialisation and budget (student_dual: the budget times the number of
+   trace levels, since its data holds each rationale once per level):
    student_cot      `distill --loss first --other-bucket` on the cached top-k of the kept rationales.
                     The other bucket is needed for a student that generates: the renormalised top-k KL
                     alone never pushes down tokens outside the teacher's top-k, and a student trained
@@ -72,6 +73,7 @@ from first_kd import demo
 from first_kd.config import to_dict
 from first_kd.errors import FirstKDError
 from first_kd.rationale import with_cue
+from first_kd.traces import parse_levels
 
 CUE = "Let's think step by step."
 QA_TEMPLATE = "Question: {question}\nAnswer:"
@@ -151,7 +153,11 @@ def pipeline(cfg, lay: Layout) -> list:
     teacher = lay.runs / "teacher" / "model"
     max_new = _TOKENS_PER_STEP * (cfg.digits + 2)
     common_train = ["--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
-                    "--seed", str(cfg.seed), "--save-every", "0", "--max-steps", str(cfg.student_steps)]
+                    "--seed", str(cfg.seed), "--save-every", "0"]
+    student_steps = ["--max-steps", str(cfg.student_steps)]
+    # The dual student's data holds every rationale once per trace level; scaling its steps by the number
+    # of levels shows it each full trace as often as student_cot sees it.
+    dual_steps = ["--max-steps", str(cfg.student_steps * len(parse_levels(cfg.trace_levels)))]
     gen = lay.generated / "train.jsonl"
     cot = lay.filtered / "train_cot.jsonl"
     # The temperature is fitted on exact traces of held-out problems: how sure the teacher should be
@@ -200,20 +206,21 @@ def pipeline(cfg, lay: Layout) -> list:
         "fit the temperature on the val traces; recorded in the train store"))
     steps.append(demo.Step(
         "student cot", ["distill", "--student", str(lay.models / "student-init"), "--store", str(store["train"]),
-                        "--loss", "first", "--other-bucket", "--out", str(lay.runs / "student_cot"), *common_train],
+                        "--loss", "first", "--other-bucket", "--out", str(lay.runs / "student_cot"), *common_train,
+                        *student_steps],
         lambda: (lay.runs / "student_cot" / "summary.json").is_file(),
         "student distilled from the teacher's calibrated top-k over its filtered rationales; the other bucket "
         "makes it push down every token outside the top-k, which a student that generates needs"))
     steps.append(demo.Step(
         "student answers", ["distill", "--student", str(lay.models / "student-init"), "--data",
                             str(lay.split("answers")), "--loss", "ce", "--out", str(lay.runs / "student_answers"),
-                            *common_train],
+                            *common_train, *student_steps],
         lambda: (lay.runs / "student_answers" / "summary.json").is_file(),
         "baseline: student fine-tuned on the gold answers alone"))
     steps.append(demo.Step(
         "student dual", ["distill", "--student", str(lay.models / "student-init"), "--data", str(cot),
                          "--trace-levels", cfg.trace_levels, "--trace-seed", str(cfg.seed), "--loss", "ce",
-                         "--out", str(lay.runs / "student_dual"), *common_train],
+                         "--out", str(lay.runs / "student_dual"), *common_train, *dual_steps],
         lambda: (lay.runs / "student_dual" / "summary.json").is_file(),
         f"Dualformer: student fine-tuned on trace variants (drop levels {cfg.trace_levels}) opened by [slow] / [fast]"))
     models = {"teacher": teacher, "student_cot": lay.runs / "student_cot" / "model",
