@@ -33,7 +33,7 @@ COMMANDS = {
     "report": ("first_kd.report", "ReportConfig", "run_report",
                "collect evaluation runs into report.md / report.json with reliability figures"),
     "demo": ("first_kd.demo", "DemoConfig", "run_demo",
-             "the whole FIRST pipeline on tiny models and data built locally (CPU, minutes)"),
+             "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written rationales"),
 }
 
 
