@@ -622,17 +622,14 @@ def _run_step(step: Step, index: int, total: int, timings: dict) -> None:
     timings[step.name] = round(time.perf_counter() - started, 2)
 
 
-def run_demo(cfg: DemoConfig) -> int:
+def run_steps(cfg: DemoConfig, lay: Layout, steps: list[Step], setup: Callable[[], object]):
+    """What every suite does with its commands: refuse a foreign DIR, record the options and commands.sh,
+    run `setup` (the suite's data and untrained models), then each step not done yet, timing them.
+
+    Returns (what `setup` returned, {step name: seconds}); the timings also go to DIR/timings.json.
+    """
     import torch
 
-    from first_kd.store import verify
-
-    cfg = cfg.resolved()
-    if cfg.suite == "reasoning":
-        from first_kd.demo_reasoning import run_reasoning_demo
-
-        return run_reasoning_demo(cfg)
-    lay = Layout(cfg.out)
     _check_out_dir(cfg, lay)
     lay.root.mkdir(parents=True, exist_ok=True)
     (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -642,19 +639,36 @@ def run_demo(cfg: DemoConfig) -> int:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        steps = pipeline(cfg, lay)
         write_commands(lay.root / "commands.sh", cfg, steps)
         total = len(steps) + 1
         print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
         started = time.perf_counter()
-        splits = build_data(cfg, lay)
-        build_models(cfg, lay, splits)
+        built = setup()
         timings.setdefault("setup", round(time.perf_counter() - started, 2))
         for i, step in enumerate(steps, start=2):
             _run_step(step, i, total, timings)
             timings_path.write_text(json.dumps(timings, indent=2))
     finally:
         torch.set_num_threads(threads_before)
+    return built, timings
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    from first_kd.store import verify
+
+    cfg = cfg.resolved()
+    if cfg.suite == "reasoning":
+        from first_kd.demo_reasoning import run_reasoning_demo
+
+        return run_reasoning_demo(cfg)
+    lay = Layout(cfg.out)
+
+    def setup() -> dict[str, list[dict]]:
+        splits = build_data(cfg, lay)
+        build_models(cfg, lay, splits)
+        return splits
+
+    splits, timings = run_steps(cfg, lay, pipeline(cfg, lay), setup)
 
     report_path = lay.root / "report.json"
     report = json.loads(report_path.read_text())

@@ -64,10 +64,7 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
-
-import yaml
 
 from first_kd import demo
 from first_kd.config import to_dict
@@ -386,30 +383,8 @@ def summary_text(report: dict) -> str:
 
 def run_reasoning_demo(cfg) -> int:
     """`first-kd demo --suite reasoning` with a resolved DemoConfig."""
-    import torch
-
     lay = Layout(cfg.out)
-    demo._check_out_dir(cfg, lay)
-    lay.root.mkdir(parents=True, exist_ok=True)
-    (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    timings_path = lay.root / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        steps = pipeline(cfg, lay)
-        demo.write_commands(lay.root / "commands.sh", cfg, steps)
-        total = len(steps) + 1
-        print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
-        started = time.perf_counter()
-        build_inputs(cfg, lay)
-        timings.setdefault("setup", round(time.perf_counter() - started, 2))
-        for i, step in enumerate(steps, start=2):
-            demo._run_step(step, i, total, timings)
-            timings_path.write_text(json.dumps(timings, indent=2))
-    finally:
-        torch.set_num_threads(threads_before)
+    _, timings = demo.run_steps(cfg, lay, pipeline(cfg, lay), lambda: build_inputs(cfg, lay))
 
     report_path = lay.root / "report.json"
     report = json.loads(report_path.read_text())
