@@ -61,6 +61,7 @@ import yaml
 
 from first_kd.config import option, to_dict
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
 
 LETTERS = "ABCDE"
 N_OPTIONS = len(LETTERS)
@@ -270,9 +271,7 @@ def bayes_reference(records: list[dict], eps: float, n_bins: int = 10) -> dict:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -49,6 +48,7 @@ from tqdm.auto import tqdm
 from first_kd import metrics
 from first_kd.config import option
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
 from first_kd.models import head_logits, last_hidden_states
 from first_kd.rationale import RationaleConfig
 
@@ -429,9 +429,7 @@ def temperature_text(record: Optional[dict]) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_outputs(out: Path, summary: dict, predictions: list[dict], label: str) -> dict:

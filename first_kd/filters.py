@@ -35,7 +35,6 @@ Rules shared by both:
 from __future__ import annotations
 
 import json
-import os
 import re
 import string
 from collections import Counter
@@ -46,6 +45,7 @@ from typing import Iterable, Literal, Optional
 from first_kd.config import option
 from first_kd.data import _unescape
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
 
 REQUIRED_FIELDS = ("id", "sample", "prompt", "rationale", "answer", "gold", "perturbed")
 DEFAULT_ANSWER_TEMPLATE = " The answer is {answer}."
@@ -462,15 +462,6 @@ def _bad_types(r: dict) -> Optional[str]:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _nothing_kept(report: dict, cfg: FilterConfig) -> FirstKDError:
     reasons = ", ".join(f"{n} {reason}" for reason, n in report["dropped_questions"].items())
     drops = report["dropped_questions"]
@@ -522,12 +513,12 @@ def run_filter(cfg: FilterConfig) -> int:
     uncued = (sum(strip_cue(p, cfg.cue) is None for p in first_prompts.values())
               if cfg.final_answer_only and cfg.cue else 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     settings = {"input": str(cfg.input), "method": cfg.method, "max_per_question": cfg.max_per_question,
                 "threshold": cfg.threshold, "perturbation": cfg.perturbation,
                 "final_answer_only": cfg.final_answer_only, "answer_template": cfg.answer_template,
                 "cue": cfg.cue}
-    _write_atomic(out.with_suffix(".filter.json"),
+    write_text_atomic(out.with_suffix(".filter.json"),
                   json.dumps({**report, "records_written": len(rows), "settings": settings}, indent=2) + "\n")
     print(summary_text(report, cfg, len(rows)))
     if uncued:

@@ -39,6 +39,7 @@ from first_kd import __version__
 from first_kd.config import option
 from first_kd.data import LETTERS, load_records
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
 from first_kd.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
 
@@ -250,9 +251,7 @@ def _paths(out: str) -> dict[str, Path]:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _questions_fingerprint(questions: list[Question]) -> str:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from first_kd.config import option
-from first_kd.data import (LETTERS, DataConfig, _mcqa_example, _Record, _render, _unescape, _answer_field,
-                           _check_template)
+from first_kd.data import (LETTERS, DataConfig, _answer_field, _check_template, _mcqa_example, _parse_choices,
+                           _Record, _render, _unescape)
 from first_kd.errors import FirstKDError
 
 EXTRACTORS = {
@@ -191,8 +191,6 @@ def load_questions(ds, cfg: RationaleConfig) -> list[Question]:
         rec = _Record(i, rid, values)
         if layout == "mcqa":
             prompt, gold_index, n = _mcqa_example(rec, cfg, answer_field)
-            from first_kd.data import _parse_choices
-
             texts, _ = _parse_choices(rec, cfg.choices_field)
             q = Question(rid, with_cue(prompt, cfg.cue), LETTERS[gold_index], options=texts, gold_index=gold_index)
         elif layout == "qa":

@@ -55,6 +55,7 @@ import yaml
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
 from first_kd.evaluate import options_from_logits
 from first_kd.losses import chunked_distillation_loss, distillation_loss
 from first_kd.models import last_hidden_states
@@ -811,9 +812,7 @@ def run_distill(cfg: DistillConfig) -> int:
         model_dir = save_final_model(out, student, tokenizer)
         summary = {"finished": True, "steps": total_steps, "loss": cfg.loss, "temperature": temperature,
                    "examples": len(train), "final": last_record, "model": str(model_dir)}
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, summary_path)
+        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
         if not cfg.keep_checkpoints:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
         if writer is not None:
