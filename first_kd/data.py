@@ -99,14 +99,20 @@ class DataConfig:
         _check_trace_options(self)
 
 
-def _check_trace_options(cfg: DataConfig) -> None:
+def _trace_levels(cfg: DataConfig) -> Optional[list[float]]:
+    """The drop levels of --trace-levels (None when unset); a bad list is a one-line FirstKDError."""
     from first_kd.traces import parse_levels
 
-    if cfg.trace_levels is not None:
-        try:
-            parse_levels(cfg.trace_levels)
-        except ValueError as e:
-            raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
+    if cfg.trace_levels is None:
+        return None
+    try:
+        return parse_levels(cfg.trace_levels)
+    except ValueError as e:
+        raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
+
+
+def _check_trace_options(cfg: DataConfig) -> None:
+    _trace_levels(cfg)
     if not _unescape(cfg.step_separator):
         raise FirstKDError("--step-separator is empty: give what separates the steps (default a newline, typed \\n)")
     for flag, marker in (("--slow-marker", cfg.slow_marker), ("--fast-marker", cfg.fast_marker)):
@@ -473,18 +479,14 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
     templates = {"with_input": prompt_template, "without_input": _drop_input_block(prompt_template)}
     letter_ids = _letter_token_ids(tokenizer, cfg.answer_prefix) if fmt == "mcqa" else {}
     eos = tokenizer.eos_token_id if cfg.add_eos else None
-    levels = None
-    if cfg.trace_levels is not None:
-        from first_kd.traces import marker_prefix_ids, parse_levels, trace_variants
+    levels = _trace_levels(cfg)
+    if levels is not None:
+        from first_kd.traces import marker_for, marker_prefix_ids, trace_variants
 
         if fmt == "mcqa":
             raise FirstKDError("--trace-levels drops reasoning steps of prompt-response data, but this data is "
                                "multiple-choice (one answer token): drop --trace-levels or use rationale data "
                                "(first-kd generate + filter)")
-        try:
-            levels = parse_levels(cfg.trace_levels)
-        except ValueError as e:
-            raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
         separator = _unescape(cfg.step_separator)
         marker_prefixes = {m: m + separator for m in (cfg.slow_marker, cfg.fast_marker)}
         marker_ids = {m: marker_prefix_ids(tokenizer, m, separator) for m in marker_prefixes}
@@ -512,7 +514,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
                     raise rec.fail(f"field '{cfg.output_field if layout == 'alpaca' else cfg.response_field}': "
                                    f"{e}; fix the record or drop --trace-levels") from None
                 for level, (vid, text) in zip(levels, variants):
-                    marker = cfg.fast_marker if level == 1 else cfg.slow_marker
+                    marker = marker_for(level, cfg.slow_marker, cfg.fast_marker)
                     prompts.append(to_text(prompt))
                     targets.append(text[len(marker_prefixes[marker]):])
                     golds.append(-1)

@@ -71,6 +71,11 @@ def variant_suffix(level: float) -> str:
     return f"drop{round(_ID_RESOLUTION * level)}"
 
 
+def marker_for(level: float, slow_marker: str = "[slow]", fast_marker: str = "[fast]") -> str:
+    """The control marker opening the variant at drop `level`: fast only when no step is left (level 1)."""
+    return fast_marker if level == 1 else slow_marker
+
+
 def split_trace(response: str, sep: str) -> tuple[list[str], str]:
     """(steps, answer line) of a response: pieces between `sep`, empty or whitespace-only ones dropped,
     the last piece being the answer line. Pieces are kept as written (not stripped).
@@ -103,7 +108,7 @@ def trace_variants(rid: str, response: str, levels: list[float], seed: int, sep:
     out = []
     for level in levels:
         kept = drop_steps(steps, level, random.Random(f"{seed}:{rid}:{float(level)}"))
-        marker = fast_marker if level == 1 else slow_marker
+        marker = marker_for(level, slow_marker, fast_marker)
         out.append((f"{rid}#{variant_suffix(level)}", marker + sep + sep.join(kept + [answer])))
     return out
 
