@@ -439,6 +439,20 @@ def _fingerprint(ds, tokenizer, cfg: DataConfig) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
+    """Prompt token ids, the one way every command builds them (training targets follow these ids, and
+    generate / evaluate --modes continue them): with the tokenizer's special tokens, or, with
+    `chat_template`, rendered as a user turn by the chat template, which writes its own special tokens
+    (adding them again would double the BOS)."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
+                               "drop --chat-template or use a chat model's tokenizer")
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                 tokenize=False) for p in prompts]
+    return tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
+
+
 def tokenize_records(ds, tokenizer, cfg: DataConfig):
     """Turn raw records into model inputs with an exact prompt/target boundary.
 
@@ -491,12 +505,6 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         marker_prefixes = {m: m + separator for m in (cfg.slow_marker, cfg.fast_marker)}
         marker_ids = {m: marker_prefix_ids(tokenizer, m, separator) for m in marker_prefixes}
 
-    def to_text(prompt: str) -> str:
-        if not cfg.chat_template:
-            return prompt
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-
     def encode_batch(batch: dict, indices: list[int]) -> dict:
         records = [
             _Record(i, str(batch[cfg.id_field][j]) if has_ids and batch[cfg.id_field][j] is not None else str(i),
@@ -515,7 +523,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
                                    f"{e}; fix the record or drop --trace-levels") from None
                 for level, (vid, text) in zip(levels, variants):
                     marker = marker_for(level, cfg.slow_marker, cfg.fast_marker)
-                    prompts.append(to_text(prompt))
+                    prompts.append(prompt)
                     targets.append(text[len(marker_prefixes[marker]):])
                     golds.append(-1)
                     n_choices.append(0)
@@ -539,12 +547,11 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
                 prompt, response = _prompt_response_example(rec, cfg, layout, templates)
                 gold, n = -1, 0
                 targets.append(response)
-            prompts.append(to_text(prompt))
+            prompts.append(prompt)
             golds.append(gold)
             n_choices.append(n)
 
-        # Chat templates render their own BOS etc. as text; adding special tokens again would double them.
-        prompt_ids = tokenizer(prompts, add_special_tokens=not cfg.chat_template)["input_ids"]
+        prompt_ids = encode_prompts(tokenizer, prompts, cfg.chat_template)
         if fmt == "prompt-response":
             target_ids = [(marker_ids[m] if m is not None else []) + ids + ([eos] if eos is not None else [])
                           for m, ids in zip(row_markers, tokenizer(targets, add_special_tokens=False)["input_ids"])]

@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 
 from first_kd import __version__
 from first_kd.config import option
-from first_kd.data import LETTERS, load_records
+from first_kd.data import LETTERS, encode_prompts, load_records
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
+from first_kd.models import stop_token_ids
 from first_kd.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
 
@@ -183,11 +184,7 @@ def decode_generated(ids: Sequence[int], eos_ids: set[int], tokenizer) -> tuple[
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    """The tokenizer's eos plus the teacher's generation eos ids (chat models end a turn with their own)."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    ids = set(stop_token_ids(model, tokenizer))
     if not ids:
         raise FirstKDError("the teacher's tokenizer has no eos token, so a rationale could never end: use a "
                            "tokenizer with an eos token")
@@ -197,16 +194,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def generate_batch(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int]):
     """Continuations of `prompts` (one generate call): a list of (text, n_tokens, finished).
 
-    Prompts are tokenized as data.py does (with the tokenizer's special tokens, or through the chat
-    template) and left-padded, so every row's continuation starts at the same column.
+    Prompts are tokenized by data.encode_prompts, as every command tokenizes them, and left-padded, so every
+    row's continuation starts at the same column.
     """
     from transformers import GenerationConfig
 
-    if cfg.chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, add_special_tokens=not cfg.chat_template, padding=True, return_tensors="pt")
+    enc = tokenizer.pad({"input_ids": encode_prompts(tokenizer, prompts, cfg.chat_template)}, padding=True,
+                        return_tensors="pt")
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) \
         if cfg.temperature > 0 else dict(do_sample=False)

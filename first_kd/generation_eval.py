@@ -51,7 +51,9 @@ import torch
 from tqdm.auto import tqdm
 
 from first_kd import metrics
+from first_kd.data import encode_prompts
 from first_kd.errors import FirstKDError
+from first_kd.models import stop_token_ids
 
 MODES = ("slow", "fast", "auto")
 CHOICES = ("slow", "fast", "none")  # what an auto completion can start with
@@ -143,14 +145,6 @@ def summarize(lines: list[dict], n_bins: int = 10) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 @torch.inference_mode()
 def greedy_generate(model, inputs: list[list[int]], pad_id: int, eos_ids: list[int], max_new_tokens: int,
                     batch_size: int = 16, device=None, progress: bool = True,
@@ -220,18 +214,6 @@ def span_logprobs(model, sequences: list[list[int]], spans: list[tuple[int, int]
 # ----------------------------------------------------------------------------------------------
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
-    """Prompt ids as first_kd.data tokenizes training prompts: with special tokens, or rendered as a user
-    turn by the chat template (which writes its own special tokens)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
-                               "drop --chat-template or use a chat model's tokenizer")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
-    return tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
-
-
 def mode_inputs(prompt_ids: list[list[int]], mode: str, tokenizer, slow_marker: str, fast_marker: str,
                 separator: str) -> tuple[list[list[int]], list[int]]:
     """(model inputs, forced ids): the prompt ids + the marker prefix ids of a forced mode; auto forces nothing."""
@@ -261,8 +243,8 @@ def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor
         raise FirstKDError(f"{len(missing)} question(s) have no gold answer (first: id {missing[0]}): evaluating "
                            f"generated answers needs them; point --answer-field at the answers")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
-    prompts = prompt_token_ids(tokenizer, [q.prompt for q in questions], chat_template)
+    eos_ids = stop_token_ids(model, tokenizer)
+    prompts = encode_prompts(tokenizer, [q.prompt for q in questions], chat_template)
     summaries, lines = {}, []
     for mode in modes:
         inputs, forced = mode_inputs(prompts, mode, tokenizer, slow_marker, fast_marker, separator)

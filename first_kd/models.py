@@ -41,6 +41,16 @@ def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, tru
     return model.to(device).eval()
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Token ids that end a generated answer: the tokenizer's eos and the model's generation eos ids (chat
+    models end a turn with a token of their own). Empty when neither defines one."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(ids)
+
+
 def transformer_body(model):
     """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...)."""
     body = getattr(model, "base_model", None)

@@ -14,7 +14,7 @@ import torch
 
 from first_kd import generation_eval as G
 from first_kd.cli import main
-from first_kd.data import DataConfig, tokenize_records
+from first_kd.data import DataConfig, encode_prompts, tokenize_records
 from first_kd.rationale import find_answer
 from first_kd.traces import marker_prefix_ids
 
@@ -187,7 +187,7 @@ def test_metrics_schema_and_per_mode_counts(trained):
 
 def test_forced_modes_start_with_the_training_marker_ids(trained):
     tok, rows = trained["tok"], trained["rows"]
-    prompts = G.prompt_token_ids(tok, [f"Question: {q['question']}\nAnswer: {CUE}" for q in trained["questions"]])
+    prompts = encode_prompts(tok, [f"Question: {q['question']}\nAnswer: {CUE}" for q in trained["questions"]])
     for mode, variant in (("slow", "#full"), ("fast", "#fast")):
         inputs, forced = G.mode_inputs(prompts, mode, tok, "[slow]", "[fast]", "\n")
         assert forced == marker_prefix_ids(tok, f"[{mode}]", "\n") and len(forced) > 0
