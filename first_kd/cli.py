@@ -93,10 +93,29 @@ def main(argv=None) -> int:
     except FirstKDError as e:
         print(f"first-kd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only directory, a path that vanished: one line, not a traceback
+        print(f"first-kd {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"first-kd {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) else 0
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an operating-system failure: what failed, where, and that finished outputs are intact
+    (every command builds its output beside the old one and swaps it in only when complete)."""
+    import errno
+
+    where = f" at {e.filename}" if getattr(e, "filename", None) else ""
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    reason = e.strerror or str(e) or type(e).__name__
+    fix = {errno.ENOSPC: "free disk space", errno.EFBIG: "free disk space or raise the file-size limit",
+           errno.EDQUOT: "free space in your quota", errno.EACCES: "make the output writable or choose another --out",
+           errno.EROFS: "choose an --out on a writable filesystem", errno.EPERM: "check the output's permissions",
+           errno.ENOENT: "check the path"}.get(e.errno, "fix the cause")
+    return (f"{reason}{f' ({code})' if code else ''}{where}: {fix} and re-run the same command "
+            "(finished outputs were left as they were)")
 
 
 if __name__ == "__main__":
