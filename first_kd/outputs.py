@@ -51,7 +51,9 @@ def say_done(command: str, out, what: str) -> int:
     return 0
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it, a new file) to disk; best effort (some filesystems
+    cannot open a directory)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -62,6 +64,9 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_fsync_dir = fsync_dir
 
 
 def clear_stale(final: Path) -> None:
@@ -99,7 +104,7 @@ def staged_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         os.replace(final, retired)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     shutil.rmtree(retired, ignore_errors=True)
 
 
