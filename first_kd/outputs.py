@@ -130,3 +130,24 @@ def exclusive_lock(target: Path, command: str) -> Iterator[None]:
         yield
     finally:
         handle.close()  # closing releases the lock; the empty lock file stays, harmlessly
+
+
+def writable_parent(out: Path, flag: str = "--out") -> Path:
+    """Create the folder that output `out` goes in, or stop with one line saying why nothing can be written
+    there (a file where a folder should be, a folder that cannot be created, a read-only folder). Called
+    before any heavy work, so a bad --out costs nothing. Returns the folder."""
+    out = Path(out)
+    parent = out.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise FirstKDError(f"{flag} {out}: {blocker} is a file, not a folder, so nothing can be written under it: "
+                           f"choose an {flag} in a writable folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FirstKDError(f"{flag} {out}: cannot create its folder {parent} ({e.strerror or e}): choose an {flag} "
+                           "in a writable folder") from None
+    if not os.access(parent, os.W_OK):
+        raise FirstKDError(f"{flag} {out}: the folder {parent} is read-only: make it writable or choose another "
+                           f"{flag}")
+    return parent
