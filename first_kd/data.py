@@ -4,8 +4,11 @@ prompt/target boundary.
 Two layouts are understood:
 
   * "mcqa": a question with lettered options. The prompt lists the options as "A. text" lines and
-    the target is ONE token, `answer_prefix + letter` of the gold option, so the next-token
-    distribution at the last prompt position is the model's answer distribution over the letters.
+    the target is ONE token, the gold option's letter, so the next-token distribution at the last
+    prompt position is the model's answer distribution over the letters. By default (--answer-prefix
+    auto) a letter's token is the one that follows the prompt when the letter is written after it as
+    running text (' A' after "Answer:" for byte-level BPE, '▁A' for SentencePiece, whose ' A' on its
+    own would be two tokens); a literal prefix instead tokenizes prefix + letter on its own.
     Choices come as HF CommonsenseQA/ARC dicts ``{"label": [...], "text": [...]}``, a list of
     strings, a list of ``{"label", "text"}`` dicts, or a JSON list in a string (CSV). The answer is a
     label ("B"), a 0-based int index, a 0-based digit string, or the option's text.
@@ -27,13 +30,14 @@ import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 from first_kd.config import option
 from first_kd.errors import FirstKDError
 
 FORMATS = ("mcqa", "prompt-response")
 LETTERS = string.ascii_uppercase
+AUTO_PREFIX = "auto"  # --answer-prefix value: find each letter's token after the prompt, in context
 FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # Suffixes that make a missing --data value read as a mistyped path rather than a hub dataset name.
 _PATH_LIKE_SUFFIXES = set(FILE_LOADERS) | {".txt", ".tsv", ".arrow", ".gz", ".zst", ".xlsx", ".yaml", ".yml"}
@@ -71,8 +75,10 @@ class DataConfig:
         help="Alpaca prompt (plain prompts are used verbatim); when a record's input is empty, the "
              "blank-line-separated block holding {input} is dropped; a typed \\n is a newline")
     answer_prefix: str = option(
-        " ", help="MCQA target is answer_prefix + letter (default: one space); it must be one token "
-                  "with the tokenizer")
+        AUTO_PREFIX, help="MCQA target: 'auto' = the answer letter's token as it follows the prompt in running "
+                          "text (' A' after 'Answer:', 'A' after a newline), found by tokenizing prompt + answer; "
+                          "any other value is a literal prefix tokenized with the letter on its own (' ' = ' A', "
+                          "'' = 'A'); either way each letter must be one token")
     chat_template: bool = option(
         False, help="wrap the prompt as a user turn with the tokenizer's chat template")
     max_length: int = option(512, help="maximum tokens per example (prompt + target)")
@@ -427,8 +433,22 @@ def _prompt_response_example(rec: _Record, cfg: DataConfig, layout: str, templat
 # Tokenization
 
 
-def _letter_token_ids(tokenizer, prefix: str) -> dict[str, list[int]]:
-    return {L: tokenizer.encode(prefix + L, add_special_tokens=False) for L in LETTERS}
+class _Row(NamedTuple):
+    """One output row: the record it comes from, its id, prompt text, response text (None for MCQA: the
+    target is the gold letter's token), gold option index (-1 without), option count (0 without) and the
+    trace marker that opens its target (None without)."""
+
+    rec: _Record
+    id: str
+    prompt: str
+    response: Optional[str]
+    gold: int
+    n: int
+    marker: Optional[str]
+
+
+def _response_field(cfg: DataConfig, layout: Optional[str]) -> str:
+    return cfg.output_field if layout == "alpaca" else cfg.response_field
 
 
 def _fingerprint(ds, tokenizer, cfg: DataConfig) -> str:
@@ -439,18 +459,158 @@ def _fingerprint(ds, tokenizer, cfg: DataConfig) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def render_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[str]:
+    """Each prompt as the text the model reads: itself, or with `chat_template` rendered as a user turn by the
+    tokenizer's chat template, up to where the assistant's answer starts."""
+    if not chat_template:
+        return list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
+                           "drop --chat-template or use a chat model's tokenizer")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False) for p in prompts]
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
     """Prompt token ids, the one way every command builds them (training targets follow these ids, and
     generate / evaluate --modes continue them): with the tokenizer's special tokens, or, with
     `chat_template`, rendered as a user turn by the chat template, which writes its own special tokens
     (adding them again would double the BOS)."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
-                               "drop --chat-template or use a chat model's tokenizer")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                 tokenize=False) for p in prompts]
-    return tokenizer(prompts, add_special_tokens=not chat_template)["input_ids"]
+    rendered = render_prompts(tokenizer, prompts, chat_template)
+    return tokenizer(rendered, add_special_tokens=not chat_template)["input_ids"]
+
+
+def answer_text(prompt: str, letter: str) -> str:
+    """How an option letter follows `prompt` in running text: after a space ("Answer: A"), or directly when the
+    prompt already ends with whitespace (a newline, a chat template's assistant turn)."""
+    return letter if prompt[-1:].isspace() else " " + letter
+
+
+def tokens_after(tokenizer, prompts: list[str], answers: list[str]) -> list[Optional[list[int]]]:
+    """For each (prompt, answer): the token ids that follow the prompt's own tokens when prompt + answer is
+    tokenized as one text (no special tokens), or None when the prompt's tokens are not a prefix of that (the
+    tokenizer joined the end of the prompt and the answer into other tokens)."""
+    texts = list(prompts) + [p + a for p, a in zip(prompts, answers)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    alone, joined = ids[:len(prompts)], ids[len(prompts):]
+    return [list(j[len(a):]) if list(j[:len(a)]) == list(a) else None for a, j in zip(alone, joined)]
+
+
+class _LetterTokens:
+    """The one token id of each option letter, found when a record first needs the letter and the same for
+    every record after.
+
+    --answer-prefix auto: the token that follows the record's prompt when the letter is appended as running
+    text (`answer_text`, `tokens_after`): ' A' after 'Answer:' for byte-level BPE (GPT-2, Llama-3, Qwen) and
+    '▁A' for SentencePiece (Llama-2, Mistral, Gemma), whose ' A' on its own is two tokens ('▁', '▁A'). Every
+    record's gold letter is found after its own prompt, so a record whose prompt ends differently is caught.
+    A literal prefix: prefix + letter tokenized on its own.
+    """
+
+    def __init__(self, tokenizer, prefix: str):
+        self.tokenizer, self.prefix = tokenizer, prefix
+        self.found: dict[str, tuple[int, _Record]] = {}  # letter -> (token id, the record it was found after)
+
+    def ids(self, n: int) -> list[int]:
+        return [self.found[letter][0] for letter in LETTERS[:n]]
+
+    def targets(self, rows: list[_Row], prompts: list[str]) -> list[list[int]]:
+        """Each MCQA row's target ids ([its gold letter's token]) after its rendered prompt; a letter that is
+        not one token is a one-line error naming the first record that needs it."""
+        if self.prefix != AUTO_PREFIX:
+            for row in rows:
+                for letter in LETTERS[:row.n]:
+                    if letter not in self.found:
+                        self.found[letter] = (self._alone(row.rec, letter), row.rec)
+            return [[self.found[LETTERS[row.gold]][0]] for row in rows]
+        asks, asked = [], set()  # (row index, letter): each gold letter, and each letter where first needed
+        for i, row in enumerate(rows):
+            new = [L for L in LETTERS[:row.n] if L not in self.found and L not in asked]
+            asked.update(new)
+            asks += [(i, letter) for letter in dict.fromkeys([LETTERS[row.gold], *new])]
+        after = tokens_after(self.tokenizer, [prompts[i] for i, _ in asks],
+                             [answer_text(prompts[i], letter) for i, letter in asks])
+        for (i, letter), ids in zip(asks, after):
+            rec = rows[i].rec
+            token = self._one_token(rec, letter, ids, prompts[i])
+            first = self.found.setdefault(letter, (token, rec))
+            if first[0] != token:
+                raise rec.fail(f"option letter {letter!r} is token {token} after this prompt but token {first[0]} "
+                               f"after the prompt of record {first[1].index} (id {first[1].id}); end every prompt "
+                               f"the same way (--template) or set --answer-prefix (e.g. ' ' or '')")
+        return [[self.found[LETTERS[row.gold]][0]] for row in rows]
+
+    def _one_token(self, rec: _Record, letter: str, ids: Optional[list[int]], prompt: str) -> int:
+        if ids is None:
+            raise rec.fail(f"the answer {answer_text(prompt, letter)!r} merges with the end of the prompt "
+                           f"({prompt[-12:]!r}) into other tokens with this tokenizer, so it has no token of its "
+                           f"own; end --template differently (e.g. without trailing whitespace) or set "
+                           f"--answer-prefix (e.g. ' ' or '')")
+        if len(ids) != 1:
+            raise rec.fail(f"option letter {letter!r} after the prompt is {len(ids)} tokens ({ids}) with this "
+                           f"tokenizer, not one; set --answer-prefix (e.g. ' ' or '') or change how --template ends")
+        return ids[0]
+
+    def _alone(self, rec: _Record, letter: str) -> int:
+        ids = self.tokenizer.encode(self.prefix + letter, add_special_tokens=False)
+        if len(ids) != 1:
+            raise rec.fail(f"option letter {letter!r} with --answer-prefix {self.prefix!r} is {len(ids)} tokens "
+                           f"({ids}) with this tokenizer, not one; use --answer-prefix {AUTO_PREFIX} (the default: "
+                           f"the letter's token after the prompt) or another prefix (e.g. ' ' or '')")
+        return ids[0]
+
+
+def _response_rows(rec: _Record, prompt: str, response: str, cfg: DataConfig, layout: str,
+                   levels: Optional[list[float]]) -> list[_Row]:
+    """The prompt-response rows of one record: itself, or with --trace-levels one Dualformer variant per level,
+    whose response is the text after `marker + separator` (the marker's ids are added apart)."""
+    if levels is None:
+        return [_Row(rec, rec.id, prompt, response, -1, 0, None)]
+    from first_kd.traces import marker_for, trace_variants
+
+    separator = _unescape(cfg.step_separator)
+    try:
+        variants = trace_variants(rec.id, response, levels, cfg.trace_seed, separator,
+                                  cfg.slow_marker, cfg.fast_marker)
+    except ValueError as e:
+        raise rec.fail(f"field '{_response_field(cfg, layout)}': {e}; fix the record or drop --trace-levels") from None
+    rows = []
+    for level, (vid, text) in zip(levels, variants):
+        marker = marker_for(level, cfg.slow_marker, cfg.fast_marker)
+        rows.append(_Row(rec, vid, prompt, text[len(marker + separator):], -1, 0, marker))
+    return rows
+
+
+def _assemble(rows: list[_Row], prompt_ids, target_ids, cfg: DataConfig, layout: Optional[str]) -> dict:
+    """The map() output columns of a batch: prompt ids then target ids, cut to --max-length."""
+    out = {"id": [], "input_ids": [], "target_start": [], "answer_index": [], "n_choices": [], "truncated": []}
+    for row, p_ids, t_ids in zip(rows, prompt_ids, target_ids):
+        room = cfg.max_length - len(p_ids)
+        if room < 1:
+            raise row.rec.fail(f"prompt is {len(p_ids)} tokens, leaving nothing of --max-length "
+                               f"{cfg.max_length} for the target; raise --max-length or shorten the prompt")
+        if not t_ids:
+            raise row.rec.fail(f"empty response in field '{_response_field(cfg, layout)}' "
+                               f"and no eos to learn; remove the record or enable --add-eos")
+        out["id"].append(row.id)
+        out["input_ids"].append(list(p_ids) + list(t_ids[:room]))
+        out["target_start"].append(len(p_ids))
+        out["answer_index"].append(row.gold)
+        out["n_choices"].append(row.n)
+        out["truncated"].append(len(t_ids) > room)
+    return out
+
+
+def _check_unique_ids(ids, per_record: int) -> None:
+    """One-line error for the first row id that repeats; rows come `per_record` to a record, in record order."""
+    seen: dict[str, int] = {}
+    for row, rid in enumerate(ids):
+        i = row // per_record
+        if rid in seen:
+            raise FirstKDError(f"record {i} (id {rid}): id repeats record {seen[rid]}; ids must be unique: "
+                               f"fix the data or set --id-field to a unique field (or a missing one to "
+                               f"number records)")
+        seen[rid] = i
 
 
 def tokenize_records(ds, tokenizer, cfg: DataConfig):
@@ -467,19 +627,17 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
           id (str), input_ids (list[int]: prompt ids then target ids), target_start (int: index of the
           first target token), answer_index (int: gold option, -1 for prompt-response), n_choices
           (int: 0 for prompt-response), truncated (bool: the response was cut to fit max_length).
-        info: {"format", "choice_token_ids" (id of answer_prefix + letter for A.. up to the most
-          options of any record; [] for prompt-response), "choice_labels" (those letters),
-          "n_records" (rows), "n_source_records" (records read), "n_truncated",
-          "trace_levels" (the drop levels, or None)}.
+        info: {"format", "choice_token_ids" (the token id of each letter A.. up to the most options of any
+          record, as it follows the prompt (--answer-prefix auto) or of answer_prefix + letter; [] for
+          prompt-response), "choice_labels" (those letters), "n_records" (rows), "n_source_records" (records
+          read), "n_truncated", "trace_levels" (the drop levels, or None)}.
     """
     import datasets
 
     fmt = detect_format(ds, cfg)
     if fmt not in FORMATS:
         raise FirstKDError(f"unknown --format {fmt!r}: use auto, mcqa or prompt-response")
-    if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
-        raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
-                           "drop --chat-template or use a chat model's tokenizer")
+    render_prompts(tokenizer, [], cfg.chat_template)  # fails early when --chat-template has no template
     columns = ds.column_names
     has_ids = cfg.id_field in columns
     answer_field = _answer_field(columns, cfg)
@@ -491,88 +649,39 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
             f"set --instruction-field/--output-field or --prompt-field/--response-field")
     prompt_template = _unescape(cfg.prompt_template)
     templates = {"with_input": prompt_template, "without_input": _drop_input_block(prompt_template)}
-    letter_ids = _letter_token_ids(tokenizer, cfg.answer_prefix) if fmt == "mcqa" else {}
-    eos = tokenizer.eos_token_id if cfg.add_eos else None
+    letters = _LetterTokens(tokenizer, cfg.answer_prefix)
+    eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     levels = _trace_levels(cfg)
+    marker_ids = {}
     if levels is not None:
-        from first_kd.traces import marker_for, marker_prefix_ids, trace_variants
+        from first_kd.traces import marker_prefix_ids
 
         if fmt == "mcqa":
             raise FirstKDError("--trace-levels drops reasoning steps of prompt-response data, but this data is "
                                "multiple-choice (one answer token): drop --trace-levels or use rationale data "
                                "(first-kd generate + filter)")
-        separator = _unescape(cfg.step_separator)
-        marker_prefixes = {m: m + separator for m in (cfg.slow_marker, cfg.fast_marker)}
-        marker_ids = {m: marker_prefix_ids(tokenizer, m, separator) for m in marker_prefixes}
+        marker_ids = {m: marker_prefix_ids(tokenizer, m, _unescape(cfg.step_separator))
+                      for m in (cfg.slow_marker, cfg.fast_marker)}
 
     def encode_batch(batch: dict, indices: list[int]) -> dict:
-        records = [
-            _Record(i, str(batch[cfg.id_field][j]) if has_ids and batch[cfg.id_field][j] is not None else str(i),
-                    {k: batch[k][j] for k in batch})
-            for j, i in enumerate(indices)
-        ]
-        prompts, targets, golds, n_choices, row_records, row_ids, row_markers = [], [], [], [], [], [], []
-        for rec in records:
-            if levels is not None:
-                prompt, response = _prompt_response_example(rec, cfg, layout, templates)
-                try:
-                    variants = trace_variants(rec.id, response, levels, cfg.trace_seed, separator,
-                                              cfg.slow_marker, cfg.fast_marker)
-                except ValueError as e:
-                    raise rec.fail(f"field '{cfg.output_field if layout == 'alpaca' else cfg.response_field}': "
-                                   f"{e}; fix the record or drop --trace-levels") from None
-                for level, (vid, text) in zip(levels, variants):
-                    marker = marker_for(level, cfg.slow_marker, cfg.fast_marker)
-                    prompts.append(prompt)
-                    targets.append(text[len(marker_prefixes[marker]):])
-                    golds.append(-1)
-                    n_choices.append(0)
-                    row_records.append(rec)
-                    row_ids.append(vid)
-                    row_markers.append(marker)
-                continue
-            row_records.append(rec)
-            row_ids.append(rec.id)
-            row_markers.append(None)
+        rows = []
+        for j, i in enumerate(indices):
+            rid = str(batch[cfg.id_field][j]) if has_ids and batch[cfg.id_field][j] is not None else str(i)
+            rec = _Record(i, rid, {k: batch[k][j] for k in batch})
             if fmt == "mcqa":
                 prompt, gold, n = _mcqa_example(rec, cfg, answer_field)
-                for letter in LETTERS[:n]:
-                    if len(letter_ids[letter]) != 1:
-                        raise rec.fail(
-                            f"option letter {letter!r} with --answer-prefix {cfg.answer_prefix!r} is "
-                            f"{len(letter_ids[letter])} tokens ({letter_ids[letter]}) with this tokenizer, "
-                            f"not one; set --answer-prefix (e.g. ' ' or '')")
-                targets.append(letter_ids[LETTERS[gold]])
+                rows.append(_Row(rec, rec.id, prompt, None, gold, n, None))
             else:
                 prompt, response = _prompt_response_example(rec, cfg, layout, templates)
-                gold, n = -1, 0
-                targets.append(response)
-            prompts.append(prompt)
-            golds.append(gold)
-            n_choices.append(n)
-
-        prompt_ids = encode_prompts(tokenizer, prompts, cfg.chat_template)
-        if fmt == "prompt-response":
-            target_ids = [(marker_ids[m] if m is not None else []) + ids + ([eos] if eos is not None else [])
-                          for m, ids in zip(row_markers, tokenizer(targets, add_special_tokens=False)["input_ids"])]
+                rows += _response_rows(rec, prompt, response, cfg, layout, levels)
+        prompts = render_prompts(tokenizer, [row.prompt for row in rows], cfg.chat_template)
+        prompt_ids = tokenizer(prompts, add_special_tokens=not cfg.chat_template)["input_ids"]
+        if fmt == "mcqa":
+            target_ids = letters.targets(rows, prompts)
         else:
-            target_ids = targets
-
-        out = {"id": [], "input_ids": [], "target_start": [], "answer_index": golds,
-               "n_choices": n_choices, "truncated": []}
-        for rec, rid, p_ids, t_ids in zip(row_records, row_ids, prompt_ids, target_ids):
-            room = cfg.max_length - len(p_ids)
-            if room < 1:
-                raise rec.fail(f"prompt is {len(p_ids)} tokens, leaving nothing of --max-length "
-                               f"{cfg.max_length} for the target; raise --max-length or shorten the prompt")
-            if not t_ids:
-                raise rec.fail(f"empty response in field '{cfg.output_field if layout == 'alpaca' else cfg.response_field}' "
-                               f"and no eos to learn; remove the record or enable --add-eos")
-            out["id"].append(rid)
-            out["input_ids"].append(list(p_ids) + list(t_ids[:room]))
-            out["target_start"].append(len(p_ids))
-            out["truncated"].append(len(t_ids) > room)
-        return out
+            responses = tokenizer([row.response for row in rows], add_special_tokens=False)["input_ids"]
+            target_ids = [marker_ids.get(row.marker, []) + ids + eos for row, ids in zip(rows, responses)]
+        return _assemble(rows, prompt_ids, target_ids, cfg, layout)
 
     features = datasets.Features({
         "id": datasets.Value("string"),
@@ -587,23 +696,12 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
                  load_from_cache_file=False, new_fingerprint=_fingerprint(ds, tokenizer, cfg),
                  desc="tokenizing")
 
-    ids = out["id"]
-    seen: dict[str, int] = {}
-    per_record = len(levels) if levels is not None else 1  # rows per record, in record order
-    for row, rid in enumerate(ids):
-        i = row // per_record
-        if rid in seen:
-            raise FirstKDError(f"record {i} (id {rid}): id repeats record {seen[rid]}; ids must be unique: "
-                               f"fix the data or set --id-field to a unique field (or a missing one to "
-                               f"number records)")
-        seen[rid] = i
-
+    _check_unique_ids(out["id"], len(levels) if levels is not None else 1)
     max_choices = max(out["n_choices"]) if fmt == "mcqa" else 0
-    labels = list(LETTERS[:max_choices])
     info = {
         "format": fmt,
-        "choice_token_ids": [letter_ids[L][0] for L in labels],
-        "choice_labels": labels,
+        "choice_token_ids": letters.ids(max_choices),
+        "choice_labels": list(LETTERS[:max_choices]),
         "n_records": len(out),
         "n_source_records": len(ds),
         "n_truncated": int(sum(out["truncated"])),
