@@ -193,14 +193,46 @@ def _load_file(path: Path):
     if loader is None:
         raise FirstKDError(f"--data {path}: unknown file type '{path.suffix}'; use .jsonl, .json, "
                            f".parquet or .csv, or a datasets.save_to_disk directory")
+    verbosity = datasets.logging.get_verbosity()
+    # A reader failure is reported below on one line; datasets would log its own second line first.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         # The json builder reads both JSON lines and a single top-level JSON list.
         return datasets.load_dataset(loader, data_files=str(path), split="train")
     except Exception as e:  # any reader failure is a problem with the file, reported on one line
         if _file_is_empty(path, loader):
             raise _no_records(path) from None
+        bad = first_bad_json_line(path) if loader == "json" else None
+        if bad is not None:
+            raise FirstKDError(f"--data {path}: could not read it as json: line {bad[0]} is {bad[1]}; fix or "
+                               f"remove that line") from None
         raise FirstKDError(f"--data {path}: could not read it as {loader} ({_root_message(e)}); "
                            f"fix the file or convert it to jsonl") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def first_bad_json_line(path: Path) -> Optional[tuple[int, str]]:
+    """(line number, what is wrong) of the first line of a JSON file that is not what the json reader
+    takes, or None when none is found. A file opening with '[' is one JSON document (a list of objects);
+    anything else is JSON lines, one object per non-blank line."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            return e.lineno, f"not valid JSON ({e.msg} at column {e.colno})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            return number, f"not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(value, dict):
+            return number, f"a JSON {type(value).__name__}, not an object (JSON lines hold one object per line)"
+    return None
 
 
 def _load_dir(path: Path, split: str):
