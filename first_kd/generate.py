@@ -8,7 +8,15 @@ stopped and ends with exactly the file an uninterrupted run writes (on the same 
 
 Files: lines go to OUT.partial (each unit appended with one write + fsync) next to OUT.partial.json,
 the settings that define the output; a re-run compares them, keeps the complete units and drops a torn
-tail. The last step writes OUT.meta.json and renames OUT.partial to OUT, so OUT exists only when whole.
+tail. The last step writes OUT.meta.json (settings, counts, the sha256 of the lines) and renames
+OUT.partial to OUT, so OUT exists only when whole. The same command on a finished OUT is a no-op (exit 0);
+other settings are refused; a file at OUT (or OUT.meta.json) that generate did not write is never
+replaced. With --overwrite the old OUT stays until the new one replaces it, so a failure (full disk, kill)
+loses nothing finished.
+
+Length: a prompt and its rationale must fit --max-length tokens and the teacher's positions. A prompt
+that leaves no room is refused (naming the record), as cache/distill/evaluate refuse it; otherwise a
+rationale stops where the limit is reached (finished=false), as their targets are truncated.
 
 Sampling is fully defined by this command's options: temperature and top-p only. The teacher's own
 generation_config (vendor top_k, repetition penalties, ...) is not used, except for its eos ids.
@@ -24,9 +32,10 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import random
-import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +50,12 @@ from first_kd.data import LETTERS, encode_prompts, load_records
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
 from first_kd.models import stop_token_ids
+from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff, writable_parent
 from first_kd.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
+
+
+MIN_TEMPERATURE = 0.01
 
 
 @dataclass
@@ -84,10 +97,14 @@ class GenerateConfig(RationaleConfig):
         for name in ("samples", "max_new_tokens", "batch_size", "perturb_samples"):
             if getattr(self, name) < 1:
                 raise FirstKDError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.temperature < 0:
-            raise FirstKDError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise FirstKDError(f"--top-p must be in (0, 1], got {self.top_p}")
+        # NaN compares false with everything, so every range check names finiteness first.
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise FirstKDError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise FirstKDError(f"--temperature {self.temperature} is too small to sample with (logits / T "
+                               f"overflow below {MIN_TEMPERATURE}): use 0 for greedy decoding")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise FirstKDError(f"--top-p must be a number in (0, 1] (1 = off), got {self.top_p}")
         if self.temperature == 0 and self.samples > 1:
             raise FirstKDError(f"--samples {self.samples} with --temperature 0: greedy decoding writes the same "
                                "rationale every time; set --temperature > 0 (e.g. 0.7) or --samples 1")
@@ -191,12 +208,29 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def generate_batch(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int]):
-    """Continuations of `prompts` (one generate call): a list of (text, n_tokens, finished).
+def generate_batch(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int],
+                   budgets: Optional[Sequence[int]] = None):
+    """Continuations of `prompts`: a list of (text, n_tokens, finished).
 
-    Prompts are tokenized by data.encode_prompts, as every command tokenizes them, and left-padded, so every
-    row's continuation starts at the same column.
+    `budgets[i]` is the most tokens row i may generate (default --max-new-tokens for every row; less where
+    the prompt leaves less room, see `plan_budgets`). Rows with the same budget share one generate call, in
+    order of first appearance, so a padded batch never runs past any row's room; when every row has the
+    same budget this is one call.
     """
+    budgets = list(budgets) if budgets is not None else [cfg.max_new_tokens] * len(prompts)
+    results: list = [None] * len(prompts)
+    for budget in dict.fromkeys(budgets):
+        rows = [i for i, b in enumerate(budgets) if b == budget]
+        for i, result in zip(rows, _generate_call(model, tokenizer, [prompts[i] for i in rows], cfg, eos_ids,
+                                                  budget)):
+            results[i] = result
+    return results
+
+
+def _generate_call(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int],
+                   max_new_tokens: int):
+    """One generate call. Prompts are tokenized by data.encode_prompts, as every command tokenizes them, and
+    left-padded, so every row's continuation starts at the same column."""
     from transformers import GenerationConfig
 
     tokenizer.padding_side = "left"
@@ -205,7 +239,7 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eo
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) \
         if cfg.temperature > 0 else dict(do_sample=False)
-    gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, num_beams=1, eos_token_id=sorted(eos_ids),
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=sorted(eos_ids),
                                   pad_token_id=tokenizer.pad_token_id, **sampling)
     out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                          generation_config=gen_config)
@@ -229,13 +263,54 @@ def _records(rows: list[_Sample], results, questions: list[Question], extractor)
 
 
 # ----------------------------------------------------------------------------------------------
+# Length: prompt + rationale within --max-length and the teacher's positions
+
+
+def model_positions(config) -> Optional[int]:
+    """The most positions a model config allows (max_position_embeddings, GPT-2's n_positions, ...), or None
+    when the config names none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def length_limit(max_length: int, positions: Optional[int]) -> tuple[int, str, str]:
+    """(tokens a prompt and its rationale may take together, what sets that limit, how to make room)."""
+    if positions is not None and positions < max_length:
+        return positions, f"the teacher's {positions} positions", "shorten the prompt or use a teacher with more positions"
+    return max_length, f"--max-length {max_length}", "raise --max-length or shorten the prompt"
+
+
+def plan_budgets(questions: list[Question], ds, cfg: GenerateConfig, tokenizer, n_units: int,
+                 positions: Optional[int]) -> tuple[list[list[int]], int]:
+    """Per unit, per row (as `_unit_samples` orders them), the most tokens the row may generate:
+    --max-new-tokens, or less when the prompt leaves less room within `length_limit`. Returns (budgets,
+    rows whose budget is below --max-new-tokens). A prompt leaving no room at all is a FirstKDError naming
+    the record, checked for every unit before anything is generated."""
+    limit, what, fix = length_limit(cfg.max_length, positions)
+    budgets, short = [], 0
+    for unit in range(n_units):
+        rows = _unit_samples(unit, questions, ds, cfg)
+        unique = list(dict.fromkeys(r.prompt for r in rows))
+        lengths = dict(zip(unique, map(len, encode_prompts(tokenizer, unique, cfg.chat_template))))
+        unit_budgets = []
+        for row in rows:
+            room = limit - lengths[row.prompt]
+            if room < 1:
+                shown = "" if row.option_order is None else f" with shuffled options (sample {row.sample})"
+                raise FirstKDError(f"record {row.question} (id {questions[row.question].id}): prompt{shown} is "
+                                   f"{lengths[row.prompt]} tokens, leaving nothing of {what} for the rationale; "
+                                   f"{fix}")
+            unit_budgets.append(min(cfg.max_new_tokens, room))
+            short += room < cfg.max_new_tokens
+        budgets.append(unit_budgets)
+    return budgets, short
+
+
+# ----------------------------------------------------------------------------------------------
 # Files and resume
-
-
-def _crash_point(name: str) -> None:
-    """Testing hook (as in teacher.py): FIRST_KD_CRASH_AT=name makes the process SIGKILL itself here."""
-    if os.environ.get("FIRST_KD_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _paths(out: str) -> dict[str, Path]:
@@ -246,7 +321,16 @@ def _paths(out: str) -> dict[str, Path]:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    # allow_nan=False: the files are strict JSON (a NaN would be written as the non-JSON token NaN).
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _questions_fingerprint(questions: list[Question]) -> str:
@@ -266,7 +350,8 @@ def _settings(cfg: GenerateConfig, questions: list[Question], dtype: torch.dtype
             "tokenizer": tokenizer_fingerprint(tokenizer)["sha256"], "n_questions": len(questions),
             "questions": _questions_fingerprint(questions), "chat_template": cfg.chat_template,
             "extractor": cfg.extractor, "samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "max_new_tokens": cfg.max_new_tokens, "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
             "perturb": cfg.perturb, "perturb_samples": cfg.perturb_samples if cfg.perturb != "none" else 0}
 
 
@@ -293,8 +378,8 @@ def _complete_prefix(data: bytes, expected: list[list[tuple[str, int]]]) -> tupl
 
 def _resume(paths: dict[str, Path], settings: dict, expected: list[list[tuple[str, int]]], out: str,
             overwrite: bool) -> int:
-    """Units already written by an earlier run with the same settings; 0 (and nothing of an earlier run
-    left) when starting afresh."""
+    """Units already written by an earlier run with the same settings; 0 (and no unfinished run left) when
+    starting afresh. A finished OUT and its meta are left in place: the new run replaces them at the end."""
     sidecar, partial = paths["sidecar"], paths["partial"]
     if sidecar.is_file() and partial.is_file() and not overwrite:
         try:
@@ -302,36 +387,33 @@ def _resume(paths: dict[str, Path], settings: dict, expected: list[list[tuple[st
         except ValueError:
             old = None  # a torn sidecar: the run it described never wrote a unit after it
         if old is not None:
-            diff = next((k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)), None)
+            diff = settings_diff(old, settings)
             if diff:
-                raise FirstKDError(f"{partial} holds an unfinished run with other settings ({diff} was "
-                                   f"{old.get(diff)!r}, now {settings.get(diff)!r}): re-run with the original "
-                                   f"options to resume it, or pass --overwrite to start over")
+                raise FirstKDError(f"{partial} holds an unfinished run with other settings ({diff}): re-run with "
+                                   f"the original options to resume it, or pass --overwrite to start over")
             data = partial.read_bytes()
             done, keep = _complete_prefix(data, expected)
-            if keep < len(data):  # a torn tail: rewrite the whole units only, atomically
-                tmp = partial.with_name(partial.name + ".tmp")
-                with open(tmp, "wb") as f:
-                    f.write(data[:keep])
+            if keep < len(data):  # a torn tail: cut it off in place (needs no free space, unlike a copy)
+                with open(partial, "r+b") as f:
+                    f.truncate(keep)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, partial)
             if done:
                 print(f"first-kd generate: resuming {out}: {done} of {len(expected)} unit(s) already written")
             return done
-    for p in paths.values():
+    for p in (partial, sidecar, partial.with_name(partial.name + ".tmp")):
         p.unlink(missing_ok=True)
     return 0
 
 
 def _append(f, records: list[dict], unit: int) -> None:
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    payload = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records).encode()
     if os.environ.get("FIRST_KD_CRASH_AT") == f"generate:torn-unit-write:{unit}":
         payload = payload[: len(payload) // 2]  # testing: a write cut short by a crash
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
-        _crash_point(f"generate:torn-unit-write:{unit}")
+        crash_point(f"generate:torn-unit-write:{unit}")
     f.write(payload)
     f.flush()
     os.fsync(f.fileno())
@@ -359,11 +441,73 @@ def summarize(path: Path) -> dict:
             "mean_tokens": tokens / n if n else 0.0}
 
 
-def _check_out(paths: dict[str, Path], overwrite: bool) -> None:
-    """Refuse a finished output before loading the teacher."""
-    if paths["out"].exists() and not overwrite:
-        raise FirstKDError(f"{paths['out']} is already complete; use --overwrite to replace it (or choose "
-                           "another --out)")
+GENERATE_SETTINGS = ("teacher", "questions", "samples", "temperature", "max_new_tokens", "seed")
+
+
+def read_generate_meta(path: Path) -> Optional[dict]:
+    """The contents of OUT.meta.json as `first-kd generate` writes it, or None when `path` is missing or is
+    not such a file."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(settings, dict) or not all(k in settings for k in GENERATE_SETTINGS):
+        return None
+    return meta if str(meta.get("created_by", "")).startswith("first-kd") else None
+
+
+def _refuse_directory(out: Path) -> None:
+    if out.is_dir():
+        raise FirstKDError(f"--out {out} is a directory: give the .jsonl file to write, e.g. {out / 'gen.jsonl'}")
+
+
+def _finished_meta(paths: dict[str, Path]) -> Optional[dict]:
+    """The meta of the generate output at OUT (None when OUT does not exist). OUT or OUT.meta.json being
+    something generate did not write is a FirstKDError, with or without --overwrite: it is never replaced."""
+    out, meta_path = paths["out"], paths["meta"]
+    _refuse_directory(out)
+    if not out.exists() and not meta_path.exists():
+        return None
+    meta = read_generate_meta(meta_path)
+    if meta is None:
+        found = out if out.exists() else meta_path
+        raise FirstKDError(f"{found} exists but is not a `first-kd generate` output (no {meta_path.name} written "
+                           f"by generate beside it), so generate will not replace it: move it away or choose "
+                           f"another --out")
+    return meta if out.is_file() else None
+
+
+def _already_done(paths: dict[str, Path], meta: Optional[dict], settings: dict, overwrite: bool) -> bool:
+    """Whether OUT is finished with exactly `settings`, so this run is a no-op. A finished OUT made with
+    other settings, or changed since, is refused unless --overwrite (or an unfinished run of this output,
+    left by a killed --overwrite run, is there to resume: `_resume` checks its settings)."""
+    if meta is None or overwrite:
+        return False
+    out = paths["out"]
+    diff = settings_diff(meta["settings"], settings)
+    intact = meta.get("output_sha256") in (None, file_sha256(out))
+    if not diff and intact:
+        return True
+    if paths["partial"].is_file() and paths["sidecar"].is_file():
+        return False
+    if diff:
+        raise FirstKDError(f"{out} holds rationales generated with other settings ({diff}): pass --overwrite to "
+                           f"replace it, or choose another --out")
+    raise FirstKDError(f"{out} was changed after generate wrote it (its sha256 is not the one in "
+                       f"{paths['meta'].name}): pass --overwrite to generate it again, or choose another --out")
+
+
+def _teacher_positions(cfg: GenerateConfig) -> Optional[int]:
+    """The teacher's positions from its config, read before the weights are loaded (None when unreadable:
+    loading the model then reports the problem)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
+    return model_positions(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,25 +515,45 @@ def _check_out(paths: dict[str, Path], overwrite: bool) -> None:
 
 
 def run_generate(cfg: GenerateConfig) -> int:
-    from transformers import GenerationConfig
-
-    from first_kd.models import load_model, load_tokenizer, resolve_dtype
-
     paths = _paths(cfg.out)
-    _check_out(paths, cfg.overwrite)
+    _refuse_directory(paths["out"])
+    writable_parent(paths["out"])
+    with exclusive_lock(paths["out"], "generate"):
+        return _run_locked(cfg, paths)
+
+
+def _load_inputs(cfg: GenerateConfig):
+    """(records, questions, tokenizer, device, dtype): what the settings are made of, without the weights."""
+    from first_kd.models import load_tokenizer, resolve_dtype
+
     ds = load_records(cfg)
     questions = load_questions(ds, cfg)
     if cfg.perturb == "shuffle-options" and any(q.options is None for q in questions):
         raise FirstKDError("--perturb shuffle-options needs multiple-choice data (question + choices fields); "
                            "this data has none: drop --perturb or set --question-field/--choices-field")
-    extractor = compile_extractor(cfg.extractor)
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
         raise FirstKDError("--chat-template is set but this tokenizer has no chat template; "
                            "drop --chat-template or use a chat model's tokenizer")
+    return ds, questions, tokenizer, device, resolve_dtype(cfg.dtype, device)
+
+
+def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
+    from transformers import GenerationConfig
+
+    from first_kd.models import load_model
+
+    meta = _finished_meta(paths)
+    ds, questions, tokenizer, device, dtype = _load_inputs(cfg)
+    extractor = compile_extractor(cfg.extractor)
+    settings = _settings(cfg, questions, dtype, tokenizer)
+    if _already_done(paths, meta, settings, cfg.overwrite):
+        return say_done("generate", cfg.out, "rationales")
+    n_units = -(-len(questions) // cfg.batch_size)
+    positions = _teacher_positions(cfg)
+    budgets, short = plan_budgets(questions, ds, cfg, tokenizer, n_units, positions)
+
     model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)
     eos_ids = _eos_ids(model, tokenizer)
     # generate() fills every option we leave unset from the model's generation_config (a vendor's top_k,
@@ -398,40 +562,51 @@ def run_generate(cfg: GenerateConfig) -> int:
                                                pad_token_id=tokenizer.pad_token_id)
 
     per_question = cfg.samples + (cfg.perturb_samples if cfg.perturb != "none" else 0)
-    n_units = -(-len(questions) // cfg.batch_size)
     expected = [[(questions[i].id, s) for i in _unit_questions(u, len(questions), cfg.batch_size)
                  for s in range(per_question)] for u in range(n_units)]  # the (id, sample) lines of each unit
-    settings = _settings(cfg, questions, dtype, tokenizer)
     started, started_at = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
-    paths["out"].parent.mkdir(parents=True, exist_ok=True)
     first_unit = _resume(paths, settings, expected, cfg.out, cfg.overwrite)
     if first_unit == 0:
         _write_json_atomic(paths["sidecar"], {"settings": settings, "data": {"source": cfg.data, "split": cfg.split},
                                               "created_by": f"first-kd {__version__}"})
         paths["partial"].write_bytes(b"")
-    _crash_point("generate:planned")
+    crash_point("generate:planned")
 
     bar = tqdm(total=len(questions), initial=min(first_unit * cfg.batch_size, len(questions)), unit="q",
                desc=f"generating x{per_question}", dynamic_ncols=True)
-    with open(paths["partial"], "ab") as f, torch.inference_mode():
-        for unit in range(first_unit, n_units):
-            rows = _unit_samples(unit, questions, ds, cfg)
-            torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
-            results = generate_batch(model, tokenizer, [r.prompt for r in rows], cfg, eos_ids)
-            _append(f, _records(rows, results, questions, extractor), unit)
-            _crash_point(f"generate:after-unit-write:{unit}")
-            bar.update(len(expected[unit]) // per_question)
-    bar.close()
+    try:
+        with open(paths["partial"], "ab") as f, torch.inference_mode():
+            for unit in range(first_unit, n_units):
+                rows = _unit_samples(unit, questions, ds, cfg)
+                torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
+                results = generate_batch(model, tokenizer, [r.prompt for r in rows], cfg, eos_ids, budgets[unit])
+                _append(f, _records(rows, results, questions, extractor), unit)
+                crash_point(f"generate:after-unit-write:{unit}")
+                bar.update(len(expected[unit]) // per_question)
+    except OSError as e:  # a full disk: the CLI says so on one line, naming the file; a re-run resumes
+        e.filename = e.filename or str(paths["partial"])
+        raise
+    finally:
+        bar.close()  # before any error line, so that it stands on a line of its own
+    if short:
+        print(f"first-kd generate: note: {short:,} sample(s) have less room than --max-new-tokens "
+              f"{cfg.max_new_tokens} within {length_limit(cfg.max_length, positions)[1]}; their rationales stop "
+              f"there (finished=false when cut)", file=sys.stderr)
+    _finish(cfg, paths, settings, {"resumed_units": first_unit, "samples_with_less_room": short,
+                                   "started_at": started_at.isoformat(timespec="seconds")}, started)
+    return 0
 
+
+def _finish(cfg: GenerateConfig, paths: dict[str, Path], settings: dict, run: dict, started: float) -> None:
+    """Meta file, then OUT put in place (replacing a finished one only now), then the summary line."""
     counts = summarize(paths["partial"])
     seconds = time.perf_counter() - started
     _write_json_atomic(paths["meta"], {
         "settings": settings, "data": {"source": cfg.data, "split": cfg.split}, "counts": counts,
-        "config": dataclasses.asdict(cfg), "resumed_units": first_unit,
-        "started_at": started_at.isoformat(timespec="seconds"),
+        "output_sha256": file_sha256(paths["partial"]), "config": dataclasses.asdict(cfg), **run,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds_this_run": round(seconds, 3), "created_by": f"first-kd {__version__}"})
-    _crash_point("generate:before-rename")
+    crash_point("generate:before-rename")
     os.replace(paths["partial"], paths["out"])
     paths["sidecar"].unlink(missing_ok=True)
 
@@ -442,4 +617,3 @@ def run_generate(cfg: GenerateConfig) -> int:
     if counts["samples_with_gold"]:
         line += f", accuracy vs gold {counts['correct']:,}/{counts['samples_with_gold']:,} ({counts['accuracy']:.1%})"
     print(line + f", finished {counts['finished'] / max(n, 1):.1%}, {seconds:.1f} s")
-    return 0

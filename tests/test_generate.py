@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,11 @@ def generate(teacher, data, out, *extra):
 
 def read(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def listing(folder):
+    """The files of `folder` but the writers' lock files (outputs.exclusive_lock leaves an empty one)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.endswith(".lock"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ def test_records_fields_counts_and_perturbed_answers(tmp_path, models, data, cap
     meta = json.loads((tmp_path / "gen.meta.json").read_text())
     assert meta["counts"]["samples"] == 35 and meta["counts"]["correct"] == correct
     assert meta["settings"]["samples"] == 3 and meta["settings"]["perturb"] == "shuffle-options"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl", "gen.meta.json"]
+    assert listing(tmp_path) == ["gen.jsonl", "gen.meta.json"]
 
 
 def _greedy_oracle(model, ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -296,7 +302,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, models, data, refer
     assert main(args) == 0
     assert f"resuming {out}: 2 of 4 unit(s) already written" in capsys.readouterr().out
     assert out.read_bytes() == reference.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.jsonl", "gen.meta.json"]
+    assert listing(tmp_path) == ["gen.jsonl", "gen.meta.json"]
 
 
 class _Crash(Exception):
@@ -313,7 +319,7 @@ def test_interrupted_at_any_point_resumes_to_the_same_file(tmp_path, models, dat
             raise _Crash(name)
 
     with monkeypatch.context() as m:
-        m.setattr(G, "_crash_point", crash)
+        m.setattr(G, "crash_point", crash)
         m.setenv("FIRST_KD_CRASH_AT", crash_at)  # the torn write reads it directly
         with pytest.raises(_Crash):
             generate(models["sure"], data["mcqa"], out, *RESUME_ARGS)
@@ -333,14 +339,14 @@ def test_resume_with_other_settings_is_refused(tmp_path, models, data, reference
             raise _Crash(name)
 
     with monkeypatch.context() as m:
-        m.setattr(G, "_crash_point", crash)
+        m.setattr(G, "crash_point", crash)
         with pytest.raises(_Crash):
             generate(models["sure"], data["mcqa"], out, *RESUME_ARGS)
     partial = (tmp_path / "gen.jsonl.partial").read_bytes()
     capsys.readouterr()
     assert generate(models["sure"], data["mcqa"], out, *RESUME_ARGS, "--seed", "1") == 2
     err = capsys.readouterr().err.strip()
-    assert "seed was 0, now 1" in err and "--overwrite" in err and "\n" not in err
+    assert "seed: 0 -> 1" in err and "--overwrite" in err and "\n" not in err
     assert (tmp_path / "gen.jsonl.partial").read_bytes() == partial  # the earlier work is left alone
     # --overwrite starts over with the new settings
     assert generate(models["sure"], data["mcqa"], out, *RESUME_ARGS, "--seed", "1", "--overwrite") == 0
@@ -348,20 +354,194 @@ def test_resume_with_other_settings_is_refused(tmp_path, models, data, reference
     assert out.read_bytes() != reference.read_bytes()
 
 
-def test_existing_output_is_refused_without_overwrite(tmp_path, models, data, capsys):
-    out = tmp_path / "gen.jsonl"
-    assert generate(models["peaked"], data["pr"], out, "--max-new-tokens", "3") == 0
-    before = out.read_bytes()
+def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(tmp_path, models, data, capsys):
+    out, meta = tmp_path / "gen.jsonl", tmp_path / "gen.meta.json"
+    args = ("--max-new-tokens", "3")
+    assert generate(models["peaked"], data["pr"], out, *args) == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out, meta)}
     capsys.readouterr()
+    # A scheduler re-running the finished job: exit 0, one line saying so, nothing rewritten.
+    assert generate(models["peaked"], data["pr"], out, *args) == 0
+    err = capsys.readouterr().err.strip()
+    assert "nothing to do" in err and str(out) in err and "\n" not in err
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out, meta)} == before
+    # Other settings on the same output: refused, naming the difference and the fix.
     assert generate(models["peaked"], data["pr"], out, "--max-new-tokens", "4") == 2
-    err = capsys.readouterr().err
-    assert "already complete; use --overwrite" in err
-    assert out.read_bytes() == before
+    err = capsys.readouterr().err.strip()
+    assert "max_new_tokens: 3 -> 4" in err and "--overwrite" in err and "\n" not in err
+    assert out.read_bytes() == before[out][0]
+    # An output edited after generate wrote it is not mistaken for a finished one.
+    out.write_bytes(before[out][0].replace(b'"sample": 0', b'"sample": 7', 1))
+    assert generate(models["peaked"], data["pr"], out, *args) == 2
+    assert "changed after generate wrote it" in capsys.readouterr().err
     assert generate(models["peaked"], data["pr"], out, "--max-new-tokens", "4", "--overwrite") == 0
     assert max(r["n_tokens"] for r in read(out)) == 4
+    # strict JSON: no NaN/Infinity tokens anywhere in what generate writes
+    json.loads(meta.read_text(), parse_constant=lambda token: pytest.fail(f"meta.json holds {token}"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_generate_did_not_write_is_never_replaced(tmp_path, models, data, capsys, overwrite):
+    extra = ["--overwrite"] if overwrite else []
+    foreign = tmp_path / "notes.jsonl"
+    foreign.write_text('{"mine": 1}\n')
+    assert generate(models["peaked"], data["pr"], foreign, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a `first-kd generate` output" in err and "choose another --out" in err and "\n" not in err
+    assert foreign.read_text() == '{"mine": 1}\n' and listing(tmp_path) == ["notes.jsonl"]
+    # ... nor a file at the meta's place, nor a directory given as --out
+    (tmp_path / "gen.meta.json").write_text("my own notes\n")
+    assert generate(models["peaked"], data["pr"], tmp_path / "gen.jsonl", *extra) == 2
+    assert "gen.meta.json exists but is not a `first-kd generate` output" in capsys.readouterr().err
+    assert (tmp_path / "gen.meta.json").read_text() == "my own notes\n"
+    (tmp_path / "dir.jsonl").mkdir()
+    assert generate(models["peaked"], data["pr"], tmp_path / "dir.jsonl", *extra) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("nan")}, "--temperature must be a finite number"),
+    ({"temperature": float("inf")}, "--temperature must be a finite number"),
+    ({"temperature": float("-inf")}, "--temperature must be a finite number"),
+    ({"temperature": 1e-30}, "too small to sample with"),
+    ({"temperature": 0.7, "top_p": float("nan")}, r"--top-p must be a number in \(0, 1\]"),
+    ({"temperature": 0.7, "top_p": float("inf")}, r"--top-p must be a number in \(0, 1\]"),
+])
+def test_non_finite_and_degenerate_floats_are_refused(options, message):
+    values = {"teacher": "t", "data": "d.jsonl", "out": "gen.jsonl", **options}
+    with pytest.raises(FirstKDError, match=message) as info:
+        build(G.GenerateConfig, values)
+    assert "\n" not in str(info.value)
+
+
+def test_temperature_nan_on_the_command_line_writes_nothing(tmp_path, models, data, capsys):
+    out = tmp_path / "gen.jsonl"
+    assert generate(models["peaked"], data["pr"], out, "--temperature", "nan") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("first-kd generate: error: --temperature") and "\n" not in err
+    assert listing(tmp_path) == []
+
+
+def _long_prompt_data(folder, tiny_tokenizer, n_long_words):
+    records = pr_records(4, seed=5)
+    records[2]["prompt"] = " ".join(["tree house river"] * n_long_words)
+    path = write_jsonl(folder / "long.jsonl", records)
+    lengths = [len(tiny_tokenizer(r["prompt"] + " Let's think step by step.")["input_ids"]) for r in records]
+    return path, lengths
+
+
+def test_a_prompt_beyond_max_length_or_the_teachers_positions_is_refused_naming_the_record(
+        tmp_path, models, data, tiny_tokenizer, capsys):
+    path, lengths = _long_prompt_data(tmp_path, tiny_tokenizer, 200)  # the teachers have 512 positions
+    assert lengths[2] > 512 > max(lengths[:2] + lengths[3:])
+    out = tmp_path / "gen.jsonl"
+    assert generate(models["peaked"], path, out, "--max-new-tokens", "4") == 2
+    err = capsys.readouterr().err.strip()
+    assert f"record 2 (id pr-2): prompt is {lengths[2]} tokens, leaving nothing of --max-length 512" in err
+    assert "raise --max-length or shorten the prompt" in err and "\n" not in err
+    # --max-length above the teacher's positions does not lift the teacher's limit
+    assert generate(models["peaked"], path, out, "--max-new-tokens", "4", "--max-length", "100000") == 2
+    err = capsys.readouterr().err.strip()
+    assert "record 2 (id pr-2)" in err and "the teacher's 512 positions" in err and "\n" not in err
+    assert listing(tmp_path) == ["long.jsonl"]
+
+
+def test_rationales_stop_where_max_length_is_reached(tmp_path, models, tiny_tokenizer, monkeypatch, capsys):
+    path, lengths = _long_prompt_data(tmp_path, tiny_tokenizer, 10)
+    max_length, max_new = lengths[2] + 3, 8  # the long prompt has room for 3 tokens, the others for 8
+    assert max(lengths[:2] + lengths[3:]) + max_new <= max_length
+    calls = []
+    real_call = G._generate_call
+
+    def spy(model, tokenizer, prompts, cfg, eos_ids, max_new_tokens):
+        width = max(len(ids) for ids in G.encode_prompts(tokenizer, prompts, cfg.chat_template))
+        calls.append((width, max_new_tokens))
+        return real_call(model, tokenizer, prompts, cfg, eos_ids, max_new_tokens)
+
+    monkeypatch.setattr(G, "_generate_call", spy)
+    out = tmp_path / "gen.jsonl"
+    assert generate(models["peaked"], path, out, "--max-new-tokens", str(max_new), "--max-length",
+                    str(max_length), "--batch-size", "4") == 0
+    # no generate call ever runs a (left-padded) row past --max-length
+    assert calls and all(width + new <= max_length for width, new in calls)
+    assert sorted(new for _, new in calls) == [3, max_new]  # only the long prompt's row got less room
+    for rec, n in zip(read(out), lengths):
+        assert n + rec["n_tokens"] <= max_length
+        assert rec["finished"] or rec["n_tokens"] == min(max_new, max_length - n)
+    assert "1 sample(s) have less room than --max-new-tokens 8 within --max-length" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "gen.meta.json").read_text())
+    assert meta["settings"]["max_length"] == max_length and meta["samples_with_less_room"] == 1
+
+
+def test_output_folder_that_cannot_exist_is_one_line(tmp_path, models, data, capsys):
+    """Read-only output, simulated without chmod (tests run as root, which ignores permissions): --out under
+    a path whose parent is a regular file, so no folder can be created there."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x\n")
+    assert generate(models["peaked"], data["pr"], blocker / "sub" / "gen.jsonl") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("first-kd generate: error: --out") and "is a file, not a folder" in err
+    assert "\n" not in err and "Traceback" not in err and blocker.read_text() == "x\n"
+
+
+def _with_file_size_limit(limit):
+    def set_limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return set_limit
+
+
+def run_cli_limited(args, limit):
+    """The CLI in a subprocess that may not grow any file past `limit` bytes: writes fail with EFBIG, as on
+    a full disk (Python ignores SIGXFSZ)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=Path(G.__file__).parents[1],
+                          env=dict(os.environ), capture_output=True, text=True,
+                          preexec_fn=_with_file_size_limit(limit))
+
+
+def test_full_disk_is_one_line_and_a_rerun_resumes_to_the_same_file(tmp_path, models, data, reference):
+    out = tmp_path / "gen.jsonl"
+    args = ["generate", "--teacher", models["sure"], "--data", str(data["mcqa"]), "--out", str(out), *RESUME_ARGS]
+    limit = len(reference.read_bytes()) // 2  # room for about half the lines
+    full = run_cli_limited(args, limit)
+    assert full.returncode == 2, full.stderr[-2000:]
+    err = [line for line in re.split(r"[\r\n]+", full.stderr) if line.strip() and "generating" not in line]
+    assert len(err) == 1 and err[0].startswith("first-kd generate: error:"), full.stderr[-2000:]
+    assert "EFBIG" in err[0] and "gen.jsonl.partial" in err[0] and "re-run the same command" in err[0]
+    assert not out.exists() and 0 < (tmp_path / "gen.jsonl.partial").stat().st_size <= limit
+    assert generate(models["sure"], data["mcqa"], out, *RESUME_ARGS) == 0  # space freed: it resumes
+    assert out.read_bytes() == reference.read_bytes()
+    # Replacing a finished output on a full disk loses nothing: the old output and its meta stay whole.
+    before = {p.name: p.read_bytes() for p in (out, tmp_path / "gen.meta.json")}
+    again = run_cli_limited([*args, "--seed", "5", "--overwrite"], limit)
+    assert again.returncode == 2 and "EFBIG" in again.stderr and "Traceback" not in again.stderr
+    assert {p.name: p.read_bytes() for p in (out, tmp_path / "gen.meta.json")} == before
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("mid.jsonl", '{"prompt": "a", "response": "b"}\n{"prompt": "c", "resp\n{"prompt": "d", "response": "e"}\n',
+     "line 2 is not valid JSON"),
+    ("list.jsonl", '{"prompt": "a", "response": "b"}\n\n["c", "d"]\n', "line 3 is a JSON list, not an object"),
+    ("doc.json", '[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "c" "response": "d"}\n]\n',
+     "line 3 is not valid JSON (Expecting ',' delimiter"),
+])
+def test_an_invalid_json_line_is_one_line_naming_file_and_line(tmp_path, capfd, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    # generate reads --data through data.load_records before it loads any teacher
+    assert generate("no-such-teacher", path, tmp_path / "gen.jsonl") == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err  # datasets' own log line is not printed beside ours
+    assert err[0].startswith(f"first-kd generate: error: --data {path}: could not read it as json: {where}")
+    assert err[0].endswith("; fix or remove that line")
 
 
 def test_perturb_needs_multiple_choice_data(tmp_path, models, data, capsys):
     assert generate(models["peaked"], data["qa"], tmp_path / "g.jsonl", "--perturb", "shuffle-options") == 2
     assert "multiple-choice" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+    assert listing(tmp_path) == []
