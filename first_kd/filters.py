@@ -34,7 +34,10 @@ Rules shared by both:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import re
 import string
 from collections import Counter
@@ -45,7 +48,7 @@ from typing import Iterable, Literal, Optional
 from first_kd.config import option
 from first_kd.data import _unescape
 from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
+from first_kd.outputs import crash_point, fsync_dir, say_done, settings_diff, writable_parent
 
 REQUIRED_FIELDS = ("id", "sample", "prompt", "rationale", "answer", "gold", "perturbed")
 DEFAULT_ANSWER_TEMPLATE = " The answer is {answer}."
@@ -391,8 +394,9 @@ class FilterConfig:
             raise FirstKDError("--out is the input file: choose another --out")
         if self.max_per_question < 0:
             raise FirstKDError(f"--max-per-question must be >= 0 (0 = no cap); got {self.max_per_question}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise FirstKDError(f"--threshold must be between 0 and 1 (a share of samples); got {self.threshold}")
+        if not math.isfinite(self.threshold) or not 0.0 <= self.threshold <= 1.0:
+            raise FirstKDError(f"--threshold must be a number between 0 and 1 (a share of samples); got "
+                               f"{self.threshold}")
         if self.method != "self-consistency" and self.perturbation:
             raise FirstKDError("--perturbation applies to --method self-consistency only; drop it or change --method")
         try:
@@ -412,6 +416,11 @@ def read_generated(path: str) -> list[dict]:
         finished = p.name[: -len(".partial")] if p.name.endswith(".partial") else p.name
         raise FirstKDError(f"{path} is an unfinished `first-kd generate` run: re-run the same generate "
                            f"command to finish it, then filter {finished}")
+    if p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.jsonl"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise FirstKDError(f"input {path} is a directory{hint}; pass the jsonl file written by `first-kd generate`, "
+                           f"e.g. {p / (inside[0] if inside else 'gen.jsonl')}")
     if not p.is_file():
         raise FirstKDError(f"input {path} not found; pass the jsonl written by `first-kd generate`")
     records, seen = [], {}
@@ -493,11 +502,89 @@ def summary_text(report: dict, cfg: FilterConfig, n_written: int) -> str:
     return "\n".join(lines)
 
 
+def report_path(out: Path) -> Path:
+    """Where filter's report (counts, drop reasons, the settings and the output's sha256) goes: OUT.filter.json."""
+    return Path(out).with_suffix(".filter.json")
+
+
+def read_filter_report(path: Path) -> Optional[dict]:
+    """A report as `first-kd filter` writes it, or None when `path` is missing or is not one."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = report.get("settings") if isinstance(report, dict) else None
+    return report if isinstance(settings, dict) and "method" in settings else None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _already_filtered(cfg: FilterConfig, settings: dict) -> bool:
+    """Whether --out already holds this very filtering (the run is a no-op). Another filtering, or a file
+    filter did not write, is refused without --overwrite. Same settings with an output that is not the one
+    the report records (a run cut between its two renames) is redone."""
+    out = Path(cfg.out)
+    if not out.exists():
+        return False
+    if out.is_dir():
+        raise FirstKDError(f"--out {out} is a directory: give the .jsonl file to write, e.g. {out / 'train.jsonl'}")
+    report = read_filter_report(report_path(out))
+    if cfg.overwrite:
+        return False
+    if report is None:
+        raise FirstKDError(f"{out} exists and is not a `first-kd filter` output (no {report_path(out).name} beside "
+                           f"it): choose another --out, or pass --overwrite to replace it")
+    diff = settings_diff(report["settings"], settings)
+    if diff:
+        raise FirstKDError(f"{out} holds filter output made with other settings ({diff}): pass --overwrite to "
+                           f"replace it, or choose another --out")
+    return report.get("output_sha256") in (None, _sha256(out.read_bytes()))
+
+
+def _stage(path: Path, text: str) -> Path:
+    """`text` written and flushed to disk beside `path` (PATH.tmp), not yet in place; nothing left on failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_outputs(out: Path, rows_text: str, report: dict) -> None:
+    """Both files are written in full before either replaces anything, so a failure (full disk, read-only
+    folder, kill) leaves a finished output and its report as they were; the report, holding the output's
+    sha256, is renamed first, so a kill between the renames is seen as unfinished and redone by a re-run."""
+    report_text = json.dumps({**report, "output_sha256": _sha256(rows_text.encode("utf-8"))}, indent=2,
+                             allow_nan=False) + "\n"
+    staged_rows = _stage(out, rows_text)
+    try:
+        staged_report = _stage(report_path(out), report_text)
+    except BaseException:
+        staged_rows.unlink(missing_ok=True)
+        raise
+    os.replace(staged_report, report_path(out))
+    crash_point("filter:between-renames")
+    os.replace(staged_rows, out)
+    fsync_dir(out.parent)
+
+
 def run_filter(cfg: FilterConfig) -> int:
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise FirstKDError(f"{out} exists: pass --overwrite to replace it (or choose another --out)")
+    writable_parent(out)
     records = read_generated(cfg.input)
+    settings = {"input": str(cfg.input), "input_sha256": _sha256(Path(cfg.input).read_bytes()), "method": cfg.method,
+                "max_per_question": cfg.max_per_question, "threshold": cfg.threshold,
+                "perturbation": cfg.perturbation, "final_answer_only": cfg.final_answer_only,
+                "answer_template": cfg.answer_template, "cue": cfg.cue}
+    if _already_filtered(cfg, settings):
+        return say_done("filter", out, "the filtered records")
     # The rationale is not trained on in final-answer-only mode, so a truncated one costs nothing.
     keep_unfinished = cfg.final_answer_only
     if cfg.method == "finetune-cot":
@@ -512,14 +599,8 @@ def run_filter(cfg: FilterConfig) -> int:
     first_prompts = {str(r["id"]): r["prompt"] for r in reversed(kept)}  # what to_training_records used
     uncued = (sum(strip_cue(p, cfg.cue) is None for p in first_prompts.values())
               if cfg.final_answer_only and cfg.cue else 0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    settings = {"input": str(cfg.input), "method": cfg.method, "max_per_question": cfg.max_per_question,
-                "threshold": cfg.threshold, "perturbation": cfg.perturbation,
-                "final_answer_only": cfg.final_answer_only, "answer_template": cfg.answer_template,
-                "cue": cfg.cue}
-    write_text_atomic(out.with_suffix(".filter.json"),
-                  json.dumps({**report, "records_written": len(rows), "settings": settings}, indent=2) + "\n")
+    rows_text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    write_outputs(out, rows_text, {**report, "records_written": len(rows), "settings": settings})
     print(summary_text(report, cfg, len(rows)))
     if uncued:
         print(f"first-kd filter: note: {uncued} prompt(s) did not end with --cue {cfg.cue!r} and were kept as they "

@@ -5,11 +5,16 @@ data.prepare_dataset, and its one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from first_kd import filters
 from first_kd.cli import main
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
@@ -361,6 +366,19 @@ def _bad_json(tmp):
     return [str(path)]
 
 
+def _bad_json_in_the_middle(tmp):
+    path = write_gen(tmp / "gen.jsonl", labelled_records()[:4])
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1] + ['{"id": "q0", "sample": 1, "prompt": oops}\n'] + lines[2:]))
+    return [str(path)]
+
+
+def _directory(tmp):
+    (tmp / "gen").mkdir()
+    write_gen(tmp / "gen" / "train.jsonl", labelled_records())
+    return [str(tmp / "gen")]
+
+
 def _partial(tmp):
     return [str(write_gen(tmp / "gen.jsonl.partial", labelled_records()))]
 
@@ -383,6 +401,11 @@ def _gen(tmp, records=None):
 CLI_ERRORS = {
     "missing input": (lambda t: [str(t / "nope.jsonl")], ["--method", "finetune-cot"], "not found"),
     "bad json": (_bad_json, ["--method", "finetune-cot"], "line 4"),
+    "bad json in the middle": (_bad_json_in_the_middle, ["--method", "finetune-cot"],
+                               "gen.jsonl line 2 is not valid JSON (Expecting value); fix or remove the line"),
+    "input is a directory": (_directory, ["--method", "finetune-cot"],
+                             "is a directory (it holds train.jsonl); pass the jsonl file written by `first-kd "
+                             "generate`, e.g."),
     "unfinished generate": (_partial, ["--method", "finetune-cot"], "re-run the same generate"),
     "partial beside": (_partial_beside, ["--method", "finetune-cot"], "unfinished"),
     "missing field": (_missing_field, ["--method", "finetune-cot"], "line 3 lacks field(s) rationale"),
@@ -394,6 +417,7 @@ CLI_ERRORS = {
     "perturbation with finetune-cot": (_gen, ["--method", "finetune-cot", "--perturbation"], "self-consistency"),
     "no perturbed samples": (_gen, ["--method", "self-consistency", "--perturbation"], "--perturb shuffle-options"),
     "threshold out of range": (_gen, ["--method", "self-consistency", "--threshold", "1.5"], "between 0 and 1"),
+    "threshold nan": (_gen, ["--method", "self-consistency", "--threshold", "nan"], "between 0 and 1"),
     "nothing kept, unlabelled": (lambda t: _gen(t, [rec("q", 0, "A")]), ["--method", "finetune-cot"],
                                  "use --method self-consistency"),
     "nothing kept, threshold": (lambda t: _gen(t, [rec("q", s, a) for s, a in enumerate("ABC")]),
@@ -417,6 +441,92 @@ def test_cli_refuses_existing_out_without_overwrite(tmp_path, capsys):
     out = tmp_path / "train.jsonl"
     out.write_text("keep me\n")
     assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(out)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "keep me\n"
+    err = capsys.readouterr().err
+    assert "is not a `first-kd filter` output" in err and "--overwrite" in err and out.read_text() == "keep me\n"
     assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--overwrite"]) == 0
     assert len(out.read_text().splitlines()) == 8
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_cli_same_command_twice_is_a_no_op_and_other_settings_are_refused(tmp_path, capsys):
+    gen = _gen(tmp_path)
+    out = tmp_path / "train.jsonl"
+    command = ["filter", *gen, "--method", "finetune-cot", "--out", str(out)]
+    assert main(command) == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out, tmp_path / "train.filter.json")}
+    capsys.readouterr()
+    assert main(command) == 0  # a scheduler re-running the finished job
+    captured = capsys.readouterr()
+    assert "nothing to do" in captured.err and "\n" not in captured.err.strip() and captured.out == ""
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == before
+    # other settings on the same output: refused, naming the difference
+    assert main([*command, "--max-per-question", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_per_question: 0 -> 1" in err and "--overwrite" in err and "\n" not in err
+    # the same flags on another generate output are other settings too
+    write_gen(Path(gen[0]), labelled_records()[:8])
+    assert main(command) == 2
+    assert "input_sha256" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == {p: b for p, (b, _) in before.items()}
+    assert main([*command, "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 4
+    report = json.loads((tmp_path / "train.filter.json").read_text(),
+                        parse_constant=lambda token: pytest.fail(f"the report holds {token}"))  # strict JSON
+    assert report["output_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_cli_killed_between_its_two_renames_is_redone_by_the_same_command(tmp_path, monkeypatch, capsys):
+    gen = _gen(tmp_path)
+    out = tmp_path / "train.jsonl"
+    assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--max-per-question", "1"]) == 0
+    old = out.read_bytes()
+    command = ["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--overwrite"]
+
+    def crash(name):
+        if name == "filter:between-renames":
+            raise KeyboardInterrupt  # what a kill leaves: the new report in place, the old output still there
+    with monkeypatch.context() as m:
+        m.setattr(filters, "crash_point", crash)
+        assert main(command) == 130
+    assert out.read_bytes() == old
+    command.remove("--overwrite")  # the scheduler re-runs the job's command as it was, or without --overwrite
+    assert main(command) == 0 and "nothing to do" not in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 8
+    assert main(command) == 0 and "nothing to do" in capsys.readouterr().err
+
+
+def test_cli_output_folder_that_cannot_exist_is_one_line(tmp_path, capsys):
+    """Read-only output, simulated without chmod (tests run as root, which ignores permissions): --out under
+    a path whose parent is a regular file."""
+    gen = _gen(tmp_path)
+    (tmp_path / "file").write_text("x\n")
+    assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(tmp_path / "file" / "train.jsonl")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is a file, not a folder" in err[0] and "Traceback" not in err[0]
+
+
+def test_cli_full_disk_keeps_the_finished_output_and_its_report(tmp_path):
+    """A full disk, simulated by a file-size limit (writes past it fail with EFBIG) in a subprocess."""
+    records = [rec(f"q{q}", s, "A", "A", rationale=f" Step {s} of {q}: " + "words " * 200 + "The answer is A.")
+               for q in range(4) for s in range(3)]
+    gen = _gen(tmp_path, records)
+    out = tmp_path / "train.jsonl"
+    assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--max-per-question", "1"]) == 0
+    before = _files(tmp_path)
+    limit = len(out.read_bytes()) + 100  # the new output, three times as long, cannot be written
+
+    def set_limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    full = subprocess.run([sys.executable, "-m", "first_kd.cli", "filter", *gen, "--method", "finetune-cot",
+                           "--out", str(out), "--overwrite"], cwd=Path(filters.__file__).parents[1],
+                          capture_output=True, text=True, preexec_fn=set_limit)
+    assert full.returncode == 2
+    err = [line for line in full.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("first-kd filter: error:") and "EFBIG" in err[0], full.stderr
+    assert _files(tmp_path) == before  # the old output and report whole, no scratch file left
