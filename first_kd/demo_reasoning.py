@@ -78,6 +78,11 @@ EXTRACTOR = "hashes"
 # Room for the longest trace: digits + 1 lines of ~15 tokens, the answer line and the marker.
 _TOKENS_PER_STEP = 16
 EVALUATED = ("teacher", "student_cot", "student_answers", "student_dual")
+# A teacher trained too briefly (a CI-sized run) may get no sampled rationale right, or its samples may
+# never agree: the filter then keeps nothing and the demo stops there, saying what to change. Other
+# options are another run, so they need another --out.
+FILTER_FAILED = ("if it kept nothing, the teacher's rationales were too rarely right{} for this budget: re-run "
+                 "with a new --out and more --teacher-steps or --samples{}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,13 +188,14 @@ def pipeline(cfg, lay: Layout) -> list:
                        str(cfg.max_per_question), "--out", str(cot)],
         lambda: cot.is_file(),
         f"Fine-tune-CoT: keep rationales whose answer is the gold one, up to {cfg.max_per_question} diverse ones "
-        "per question"))
+        "per question", on_failure=FILTER_FAILED.format("", "")))
     steps.append(demo.Step(
         "filter self-consistency", ["filter", str(gen), "--method", "self-consistency", "--threshold",
                                     str(cfg.agreement), "--final-answer-only", "--out", str(sc)],
         lambda: sc.is_file(),
         "System-2 distillation on the same samples as if unlabelled: majority answer, kept when "
-        f"{cfg.agreement:g} of the samples agree (its report scores the pseudo-labels against the gold ones)"))
+        f"{cfg.agreement:g} of the samples agree (its report scores the pseudo-labels against the gold ones)",
+        on_failure=FILTER_FAILED.format(" or agreed", ", or a lower --agreement")))
     for split in ("train", "val"):
         steps.append(demo.Step(
             f"cache {split}", ["cache", "--teacher", str(teacher), "--data", str(cache_data[split]), "--out",
