@@ -24,7 +24,14 @@ finite log-likelihood, so store NLLs average over the examples whose gold has pr
 For the logit temperature form this is the exact conditional likelihood (see first_kd.calibration).
 
 Outputs in --out: metrics.json (written last: its presence means the run finished), predictions.jsonl
-(one line per example) and reliability.png.
+(one line per example) and reliability.png. They are written into a directory beside --out and swapped in
+only when complete, so a failure (bad input, full disk, kill) leaves a previous evaluation as it was.
+
+Re-running: metrics.json records the settings that made it ("settings": the options that change what is
+measured, and a fingerprint of the model, data or store). The same command on a finished evaluation is a
+no-op (exit 0); other settings, or inputs that changed since (a model retrained into the same directory, a
+store calibrated again), are refused unless --overwrite. The label, --batch-size and --out are not
+settings: a new --label renames the evaluation (metrics and figures) without measuring again.
 
 Generated answers
 -----------------
@@ -35,9 +42,13 @@ answer tokens it wrote. See first_kd.generation_eval.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -46,10 +57,11 @@ import torch
 from tqdm.auto import tqdm
 
 from first_kd import metrics
-from first_kd.config import option
+from first_kd.config import option, to_dict
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
 from first_kd.models import head_logits, last_hidden_states
+from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir
 from first_kd.rationale import RationaleConfig
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
@@ -57,6 +69,10 @@ _HEAD_ELEMENTS = 1 << 25
 # Store rows buffered before they are scored together.
 _STORE_FLUSH_ROWS = 1 << 15
 _GENERIC_DIR_NAMES = {"model", "final", "checkpoint", "checkpoints", "store"}
+# Options that change how an evaluation runs, is named or where it goes, not what it measures.
+SETTINGS_FREE = ("out", "label", "batch_size", "overwrite", "trust_remote_code")
+# Options that only generated answers (--modes) use.
+MODES_ONLY = ("max_new_tokens", "cue", "extractor", "qa_template")
 
 
 @dataclasses.dataclass
@@ -80,6 +96,8 @@ class EvaluateConfig(RationaleConfig):
                  "marker, fast = forced [fast] marker, auto = the model picks; needs --model and question data "
                  "with answers (default: none, score the given targets)")
     max_new_tokens: int = option(256, help="with --modes: most tokens generated per answer")
+    overwrite: bool = option(False, help="replace an evaluation in --out made with other settings or inputs "
+                                         "(the same command on a finished evaluation is a no-op)")
 
     def validate(self):
         super().validate()
@@ -428,76 +446,236 @@ def temperature_text(record: Optional[dict]) -> str:
     return f"{record.get('form')} {symbol}={float(record.get('value')):.3g}"
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-def write_outputs(out: Path, summary: dict, predictions: list[dict], label: str) -> dict:
-    """metrics.json, predictions.jsonl and reliability.png in `out`; returns the metrics dict."""
-    from first_kd.plots import save_reliability_diagram
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a crash below must not leave the old run's metrics
-    with open(out / "predictions.jsonl", "w") as f:
-        for line in predictions:
-            f.write(json.dumps(line) + "\n")
-    save_reliability_diagram(summary, out / "reliability.png", title=label)
-    _write_json_atomic(out / "metrics.json", summary)
-    return summary
-
-
-def _clean(value):
+def clean_json(value):
     """NaN/inf -> None, recursively, so metrics.json is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
-def run_evaluate(cfg: EvaluateConfig) -> int:
-    if cfg.modes:
-        from first_kd.generation_eval import run_generation_evaluation
+# ----------------------------------------------------------------------------------------------
+# Output directory: settings, the same-command no-op, staged writing
+# ----------------------------------------------------------------------------------------------
 
-        return run_generation_evaluation(cfg)
-    out = Path(cfg.out)
-    if cfg.store:
-        from first_kd.store import open_store
 
-        store = open_store(cfg.store)
-        if cfg.temperature and not store.temperature:
-            print(f"first-kd evaluate: note: {cfg.store} has no temperature record (run `first-kd calibrate`); "
-                  "evaluating the raw top-k")
-        summary, predictions = evaluate_store(store, cfg.temperature, cfg.n_bins)
+def files_fingerprint(path: Optional[str]) -> Optional[str]:
+    """A short digest of a local file's or directory's files (relative path, size, modification time), so a
+    model retrained into the same directory or a data file rewritten is noticed without reading the bytes.
+    None for what is not a local path (a hub id: its --revision is a setting of its own)."""
+    if not path or not Path(path).exists():
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        name = f.name if f == root else f.relative_to(root).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def store_temperature(store, use_temperature: bool) -> Optional[dict]:
+    """The temperature record an evaluation of `store` applies (None: the raw top-k)."""
+    return (store.temperature if use_temperature else {}) or None
+
+
+def evaluation_settings(cfg: EvaluateConfig, store=None) -> dict:
+    """What an evaluation measures, as recorded in metrics.json["settings"] and compared by a re-run: the
+    options (without SETTINGS_FREE, and for a store only those a store evaluation reads) and fingerprints of
+    the inputs (the files of --model / --tokenizer / --data; the store's cached data and temperature)."""
+    options = {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in SETTINGS_FREE}
+    if store is not None:
+        record = store_temperature(store, cfg.temperature) or {}
         data = store.attrs.get("data") or {}
-        label = cfg.label or default_label(cfg.store, f" teacher {temperature_text(summary['temperature'])}")
-        summary.update(model=(store.attrs.get("teacher") or {}).get("name"), data=data.get("source"),
-                       split=data.get("split"), store=str(cfg.store), source="store", k=store.k)
-    else:
-        from accelerate import PartialState
+        return {"store": cfg.store, "temperature": cfg.temperature, "n_bins": cfg.n_bins,
+                "store_data": data.get("fingerprint"), "store_sequences": len(store),
+                "store_temperature": {k: record.get(k) for k in ("form", "value")} if record else None}
+    if not cfg.modes:
+        options = {k: v for k, v in options.items() if k not in MODES_ONLY}
+    options.update(model_files=files_fingerprint(cfg.model), data_files=files_fingerprint(cfg.data))
+    if cfg.tokenizer:
+        options["tokenizer_files"] = files_fingerprint(cfg.tokenizer)
+    return options
 
-        from first_kd.data import prepare_dataset
-        from first_kd.models import load_model, load_tokenizer, resolve_dtype
 
-        device = PartialState(cpu=not torch.cuda.is_available()).device
-        dtype = resolve_dtype(cfg.dtype, device)
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
-        tokenized, info = prepare_dataset(cfg, tokenizer)
-        model = load_model(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
-        summary, predictions = evaluate_model(model, tokenized, info, tokenizer.pad_token_id, cfg.batch_size,
-                                              cfg.n_bins, device)
-        label = cfg.label or default_label(cfg.model)
-        summary.update(model=cfg.model, data=cfg.data, split=cfg.split, source="model",
-                       dtype=str(dtype).replace("torch.", ""), temperature=None)
-        if info.get("n_truncated"):
-            summary["n_truncated"] = int(info["n_truncated"])
-    summary["label"] = label
-    summary = _clean(summary)
-    write_outputs(out, summary, predictions, label)
+def is_evaluation_file(name: str) -> bool:
+    """A file `first-kd evaluate` writes into --out (or a scratch file of an older version's writes)."""
+    name = name[: -len(".tmp")] if name.endswith(".tmp") else name
+    return name in ("metrics.json", "predictions.jsonl") or (name.startswith("reliability") and name.endswith(".png"))
+
+
+def previous_evaluation(out: Path, settings: dict, overwrite: bool) -> Optional[dict]:
+    """The metrics of the finished evaluation in `out` when it was made with `settings` (the re-run is then
+    a no-op), or None when there is nothing to keep (no finished evaluation, or --overwrite).
+
+    Refuses, in one line: an --out holding files that are not an evaluation's (they would be replaced with
+    it, --overwrite or not), and without --overwrite an evaluation made with other settings or inputs."""
+    if not out.is_dir():
+        return None
+    foreign = sorted(p.name for p in out.iterdir() if not is_evaluation_file(p.name))
+    if foreign:
+        more = " ..." if len(foreign) > 3 else ""
+        raise FirstKDError(f"--out {out} holds files that are not an evaluation's ({', '.join(foreign[:3])}{more}): "
+                           "give the evaluation a directory of its own")
+    try:
+        old = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None  # no finished evaluation (metrics.json is written last, atomically)
+    if overwrite or not isinstance(old, dict):
+        return None
+    recorded = old.get("settings")
+    if not isinstance(recorded, dict):
+        raise FirstKDError(f"--out {out} holds an evaluation that does not record its settings (made by an older "
+                           "first-kd): pass --overwrite to replace it, or choose another --out")
+    changed = settings_diff(recorded, settings)
+    if changed:
+        raise FirstKDError(f"--out {out} holds an evaluation made with other settings or inputs ({changed}): "
+                           "pass --overwrite to replace it, or choose another --out")
+    return old
+
+
+def _save_figures(directory: Path, summary: dict) -> None:
+    from first_kd.plots import save_reliability_comparison, save_reliability_diagram
+
+    label, modes = summary["label"], summary.get("modes")
+    if not modes:
+        save_reliability_diagram(summary, directory / "reliability.png", title=label)
+        return
+    for mode, s in modes.items():
+        save_reliability_diagram(s, directory / f"reliability-{mode}.png", title=f"{label} [{mode}]")
+    save_reliability_comparison([(f"{label} [{m}]", s["bins"], s) for m, s in modes.items()],
+                                directory / "reliability.png")
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """A failed write (full disk) raises an OSError that names no file: name the one being written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def write_evaluation(directory: Path, summary: dict, predictions: Optional[list]) -> None:
+    """predictions.jsonl (unless None), the reliability figure(s) and metrics.json, last, into `directory`
+    (a staged one: `first_kd.outputs.staged_dir`)."""
+    if predictions is not None:
+        with _naming(directory / "predictions.jsonl"), open(directory / "predictions.jsonl", "w") as f:
+            for line in predictions:
+                f.write(json.dumps(line) + "\n")
+    _save_figures(directory, summary)
+    with _naming(directory / "metrics.json"):
+        write_text_atomic(directory / "metrics.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+
+def relabel(out: Path, metrics_now: dict, label: str) -> int:
+    """Give the finished evaluation in `out` another label (metrics.json and the figures' titles) without
+    measuring again: the label names the evaluation, it is not a setting of it."""
+    old = metrics_now.get("label")
+    with staged_dir(out) as stage:
+        if (out / "predictions.jsonl").is_file():
+            try:
+                os.link(out / "predictions.jsonl", stage / "predictions.jsonl")
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(out / "predictions.jsonl", stage / "predictions.jsonl")
+        write_evaluation(stage, {**metrics_now, "label": label}, None)
+    print(f"first-kd evaluate: {out} already holds this evaluation (same settings and inputs): renamed {old!r} -> "
+          f"{label!r}, nothing measured again")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------
+
+
+def _measure_store(cfg: EvaluateConfig, store) -> tuple[dict, list[dict]]:
+    if cfg.temperature and not store.temperature:
+        print(f"first-kd evaluate: note: {cfg.store} has no temperature record (run `first-kd calibrate`); "
+              "evaluating the raw top-k")
+    summary, predictions = evaluate_store(store, cfg.temperature, cfg.n_bins)
+    data = store.attrs.get("data") or {}
+    summary.update(model=(store.attrs.get("teacher") or {}).get("name"), data=data.get("source"),
+                   split=data.get("split"), store=str(cfg.store), source="store", k=store.k)
+    return summary, predictions
+
+
+def _measure_model(cfg: EvaluateConfig) -> tuple[dict, list[dict]]:
+    from accelerate import PartialState
+
+    from first_kd.data import prepare_dataset
+    from first_kd.models import load_model, load_tokenizer, resolve_dtype
+
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    tokenized, info = prepare_dataset(cfg, tokenizer)
+    model = load_model(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
+    summary, predictions = evaluate_model(model, tokenized, info, tokenizer.pad_token_id, cfg.batch_size,
+                                          cfg.n_bins, device)
+    summary.update(model=cfg.model, data=cfg.data, split=cfg.split, source="model",
+                   dtype=str(dtype).replace("torch.", ""), temperature=None)
+    if info.get("n_truncated"):
+        summary["n_truncated"] = int(info["n_truncated"])
+    return summary, predictions
+
+
+def _say_result(summary: dict, out: Path) -> None:
+    label = summary["label"]
+    for mode, s in (summary.get("modes") or {}).items():
+        chosen = ""
+        if s.get("chosen_modes"):
+            chosen = ", chose " + " / ".join(f"{c} {share:.0%}" for c, share in s["chosen_modes"].items())
+        print(f"first-kd evaluate: {label} [{mode}]: accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f}, mean "
+              f"confidence {s['mean_confidence']:.4f}, {s['mean_generated_tokens']:.1f} tokens, no answer "
+              f"{s['no_answer_rate']:.0%}{chosen} over {s['n']:,} questions")
+    if summary.get("modes"):
+        print(f"first-kd evaluate: -> {out / 'metrics.json'}")
+        return
     nll = "n/a" if summary["nll"] is None else f"{summary['nll']:.4f}"
     print(f"first-kd evaluate: {label}: accuracy {summary['accuracy']:.4f}, ECE {summary['ece']:.4f}, "
           f"NLL {nll}, mean confidence {summary['mean_confidence']:.4f} over {summary['n']:,} "
           f"{'questions' if summary['level'] == 'answer' else 'tokens'} -> {out / 'metrics.json'}")
+
+
+def run_evaluate(cfg: EvaluateConfig) -> int:
+    """Measure, then write into a staged directory that replaces --out only when complete; the same
+    command on a finished evaluation is a no-op, other settings are refused (see the module docstring)."""
+    out = Path(cfg.out)
+    with exclusive_lock(out, "evaluate"):
+        store = None
+        if cfg.store:
+            from first_kd.store import open_store
+
+            store = open_store(cfg.store)
+        if cfg.label:
+            label = cfg.label
+        elif store is not None:
+            label = default_label(cfg.store, f" teacher {temperature_text(store_temperature(store, cfg.temperature))}")
+        else:
+            label = default_label(cfg.model)
+        settings = evaluation_settings(cfg, store)
+        previous = previous_evaluation(out, settings, cfg.overwrite)
+        if previous is not None:
+            if previous.get("label") == label:
+                return say_done("evaluate", out, "an evaluation")
+            return relabel(out, previous, label)
+        with staged_dir(out) as stage:
+            if cfg.modes:
+                from first_kd.generation_eval import generate_and_score
+
+                summary, predictions = generate_and_score(cfg)
+            elif store is not None:
+                summary, predictions = _measure_store(cfg, store)
+            else:
+                summary, predictions = _measure_model(cfg)
+            summary = clean_json({**summary, "label": label, "settings": settings})
+            write_evaluation(stage, summary, predictions)
+    _say_result(summary, out)
     return 0

@@ -37,13 +37,12 @@ completion_ids, or null)}: enough to recompute any confidence with a plain forwa
 Outputs in --out: predictions.jsonl (one line per question and mode), reliability-MODE.png per mode,
 reliability.png (all modes side by side) and metrics.json, written last: its top level is the first
 mode's metrics in the schema of the other evaluations (so `first-kd report` reads it), plus
-"modes": {mode: metrics}.
+"modes": {mode: metrics}. `first_kd.evaluate.run_evaluate` writes them as it writes every evaluation:
+staged beside --out and swapped in when complete, the same command a no-op, other settings refused.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -191,17 +190,23 @@ def span_logprobs(model, sequences: list[list[int]], spans: list[tuple[int, int]
                   batch_size: int = 16, device=None) -> list[float]:
     """sum_{p in [lo, hi)} log P(sequences[i][p] | sequences[i][:p]) per sequence, from one teacher-forced
     pass (right-padded; the output head runs only at the positions needed). spans: [(lo, hi)], 1 <= lo < hi."""
-    from first_kd.evaluate import _pad, hidden_at
-    from first_kd.models import head_logits
+    from first_kd.models import head_logits, last_hidden_states
 
     device = device or next(model.parameters()).device
     totals = [0.0] * len(sequences)
     for lo in range(0, len(sequences), batch_size):
         idx = list(range(lo, min(lo + batch_size, len(sequences))))
-        tokens, mask = _pad([sequences[i] for i in idx], pad_id, device)
+        width = max(len(sequences[i]) for i in idx)
+        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            tokens[r, : len(sequences[i])] = torch.as_tensor(sequences[i], dtype=torch.long)
+            mask[r, : len(sequences[i])] = 1
+        tokens, mask = tokens.to(device), mask.to(device)
         rows = torch.as_tensor([r for r, i in enumerate(idx) for _ in range(*spans[i])], device=device)
         cols = torch.as_tensor([p for i in idx for p in range(*spans[i])], device=device)
-        logp = torch.log_softmax(head_logits(model, hidden_at(model, tokens, mask, rows, cols - 1)), dim=-1)
+        hidden = last_hidden_states(model, tokens, mask)[rows, cols - 1]
+        logp = torch.log_softmax(head_logits(model, hidden), dim=-1)
         picked = logp.gather(1, tokens[rows, cols][:, None])[:, 0].double()
         sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, picked)
         for r, i in enumerate(idx):
@@ -278,17 +283,17 @@ def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor
     return summaries, lines
 
 
-def run_generation_evaluation(cfg) -> int:
-    """The `first-kd evaluate --modes` command body (cfg: first_kd.evaluate.EvaluateConfig)."""
+def generate_and_score(cfg) -> tuple[dict, list[dict]]:
+    """The measuring part of `first-kd evaluate --modes` (cfg: first_kd.evaluate.EvaluateConfig): load the
+    model, the tokenizer and the questions, generate and score every mode. Returns (the metrics.json body
+    without the label: the first mode's metrics at the top level, every mode's under "modes"; the
+    prediction lines). `first_kd.evaluate.run_evaluate` labels and writes them."""
     from accelerate import PartialState
 
     from first_kd.data import _unescape, load_records
-    from first_kd.evaluate import _clean, _write_json_atomic, default_label
     from first_kd.models import load_model, load_tokenizer, resolve_dtype
-    from first_kd.plots import save_reliability_comparison, save_reliability_diagram
     from first_kd.rationale import load_questions
 
-    out = Path(cfg.out)
     device = PartialState(cpu=not torch.cuda.is_available()).device
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
@@ -297,28 +302,7 @@ def run_generation_evaluation(cfg) -> int:
     summaries, lines = evaluate_generation(
         model, tokenizer, questions, cfg.modes, cfg.extractor, cfg.slow_marker, cfg.fast_marker,
         _unescape(cfg.step_separator), cfg.max_new_tokens, cfg.batch_size, cfg.n_bins, cfg.chat_template, device)
-    label = cfg.label or default_label(cfg.model)
-    first = summaries[cfg.modes[0]]
-    summary = {**first, "label": label, "model": cfg.model, "data": cfg.data, "split": cfg.split, "source": "model",
-               "dtype": str(dtype).replace("torch.", ""), "temperature": None, "extractor": cfg.extractor,
-               "cue": cfg.cue, "max_new_tokens": cfg.max_new_tokens, "modes": summaries}
-    summary = _clean(summary)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a crash below must not leave an older run's metrics
-    with open(out / "predictions.jsonl", "w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    for mode, s in summary["modes"].items():
-        save_reliability_diagram(s, out / f"reliability-{mode}.png", title=f"{label} [{mode}]")
-    save_reliability_comparison([(f"{label} [{m}]", s["bins"], s) for m, s in summary["modes"].items()],
-                                out / "reliability.png")
-    _write_json_atomic(out / "metrics.json", summary)
-    for mode, s in summary["modes"].items():
-        chosen = ""
-        if s.get("chosen_modes"):
-            chosen = ", chose " + " / ".join(f"{c} {s['chosen_modes'][c]:.0%}" for c in CHOICES)
-        print(f"first-kd evaluate: {label} [{mode}]: accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f}, mean "
-              f"confidence {s['mean_confidence']:.4f}, {s['mean_generated_tokens']:.1f} tokens, no answer "
-              f"{s['no_answer_rate']:.0%}{chosen} over {s['n']:,} questions")
-    print(f"first-kd evaluate: -> {out / 'metrics.json'}")
-    return 0
+    summary = {**summaries[cfg.modes[0]], "model": cfg.model, "data": cfg.data, "split": cfg.split,
+               "source": "model", "dtype": str(dtype).replace("torch.", ""), "temperature": None,
+               "extractor": cfg.extractor, "cue": cfg.cue, "max_new_tokens": cfg.max_new_tokens, "modes": summaries}
+    return summary, lines

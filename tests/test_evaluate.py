@@ -240,3 +240,140 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the output directory: same command twice, other settings, failed writes
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".staging-", ".retired-")))
+
+
+def unwritable(tmp_path):
+    """A path whose directory cannot be created. Root ignores permission bits (CI runs tests as root), so
+    there it is a path under /sys, where no process may make entries (EPERM; EROFS where /sys is mounted
+    read-only); otherwise a path inside a directory made read-only with chmod."""
+    import os
+    from pathlib import Path
+
+    if os.geteuid() == 0:
+        target = Path("/sys/first-kd-test-unwritable/out")
+    else:
+        parent = tmp_path / "read-only"
+        parent.mkdir()
+        parent.chmod(0o555)
+        target = parent / "out"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / "probe").write_text("")
+    except OSError:
+        return target
+    pytest.skip(f"{target.parent} is writable here: no way to simulate a read-only directory")
+
+
+def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(top5_store, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "e"
+    args = ["evaluate", "--store", str(top5_store), "--no-temperature", "--out", str(out)]
+    assert main(args) == 0
+    before = _files(out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args + ["--batch-size", "3"]) == 0  # how it runs is not a setting
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and str(out) in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    assert main(args + ["--n-bins", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "n_bins: 10 -> 5" in err and "--overwrite" in err, err
+    assert _files(out) == before
+
+    # A new label renames the evaluation without measuring again.
+    monkeypatch.setattr(E, "evaluate_store", lambda *a, **k: pytest.fail("measured again for a new label"))
+    assert main(args + ["--label", "renamed"]) == 0
+    metrics, lines = read_outputs(out)
+    old = json.loads(before["metrics.json"])
+    assert metrics["label"] == "renamed" and {**metrics, "label": old["label"]} == old
+    assert _files(out)["predictions.jsonl"] == before["predictions.jsonl"]
+    assert _files(out)["reliability.png"] != before["reliability.png"]  # the title names the new label
+    monkeypatch.undo()
+
+    assert main(args + ["--n-bins", "5", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n_bins"] == 5 and _leftovers(tmp_path) == []
+
+
+def test_changed_inputs_and_foreign_files_are_refused(tiny, top5_store, tmp_path, capsys):
+    import shutil
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(top5_store, store)
+    set_temperature(store, {"form": "logit", "value": 0.5})
+    out = tmp_path / "e"
+    args = ["evaluate", "--store", str(store), "--out", str(out), "--label", "t"]
+    assert main(args) == 0
+    before = _files(out)
+    set_temperature(store, {"form": "logit", "value": 2.0})  # calibrated again since
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "store_temperature" in err and "2.0" in err, err
+    assert _files(out) == before
+
+    # A model retrained into the same directory is another input.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny["model_dir"], model_dir)
+    margs = ["evaluate", "--model", str(model_dir), "--data", str(tiny["mcqa"]), "--out", str(tmp_path / "m")]
+    assert main(margs) == 0
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten: a new modification time
+    capsys.readouterr()
+    assert main(margs) == 2 and "model_files" in capsys.readouterr().err
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["evaluate", "--store", str(store), "--out", str(mine), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "notes.txt" in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_full_disk_keeps_the_finished_evaluation(top5_store, tmp_path):
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "e"
+    assert main(["evaluate", "--store", str(top5_store), "--no-temperature", "--out", str(out)]) == 0
+    before = _files(out)
+    repo = Path(__file__).resolve().parents[1]
+
+    def small_disk():  # predictions.jsonl and metrics.json fit, the figure does not
+        limit = max(len(before["predictions.jsonl"]), len(before["metrics.json"])) + 4096
+        assert limit < len(before["reliability.png"])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    run = subprocess.run([sys.executable, "-m", "first_kd.cli", "evaluate", "--store", str(top5_store),
+                          "--no-temperature", "--n-bins", "5", "--overwrite", "--out", str(out)],
+                         cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert ("File too large" in err[-1] or "EFBIG" in err[-1]) and "reliability.png" in err[-1], run.stderr
+    assert _files(out) == before and _leftovers(tmp_path) == []
+
+
+def test_unwritable_out_is_one_line(top5_store, tmp_path, capsys):
+    parent_is_file = tmp_path / "file"
+    parent_is_file.write_text("")
+    for out, named in ((unwritable(tmp_path), "first-kd-test-unwritable"), (parent_is_file / "e", str(parent_is_file))):
+        assert main(["evaluate", "--store", str(top5_store), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err and "error" in err, err

@@ -157,9 +157,10 @@ def trained(tmp_path_factory):
     test.write_text("".join(json.dumps({"id": q["id"], "question": q["question"], "answer": q["answer"]}) + "\n"
                             for q in questions))
     out = root / "eval"
-    assert main(["evaluate", "--model", str(model_dir), "--data", str(test), "--modes", "slow,fast,auto",
-                 "--out", str(out), "--max-new-tokens", "40", "--batch-size", "3", "--label", "tiny"]) == 0
-    return {"root": root, "model": model, "tok": tok, "questions": questions, "rows": rows, "out": out,
+    args = ["evaluate", "--model", str(model_dir), "--data", str(test), "--modes", "slow,fast,auto",
+            "--max-new-tokens", "40", "--batch-size", "3", "--label", "tiny"]
+    assert main(args + ["--out", str(out)]) == 0
+    return {"root": root, "model": model, "tok": tok, "questions": questions, "rows": rows, "out": out, "args": args,
             "metrics": json.loads((out / "metrics.json").read_text()),
             "lines": [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]}
 
@@ -252,7 +253,8 @@ def test_report_shows_one_row_per_mode(trained, tmp_path):
     md = (tmp_path / "r" / "report.md").read_text()
     header = [c.strip() for c in md.splitlines()[2].strip("|").split("|")]
     assert "Mean tokens" in header
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+    # labels are Markdown-escaped in the table ("tiny \\[slow\\]" renders as "tiny [slow]")
+    rows = {line.split("|")[1].strip().replace("\\", ""): [c.strip() for c in line.strip("|").split("|")]
             for line in md.splitlines()[4:] if line.startswith("| tiny")}
     assert list(rows) == ["tiny [slow]", "tiny [fast]", "tiny [auto]"]
     for mode, cells in zip(("slow", "fast", "auto"), rows.values()):
@@ -286,3 +288,59 @@ def test_questions_without_answers_are_an_error(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no gold answer" in err and "--answer-field" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the output directory: same command twice, other settings, a failed write
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_same_modes_command_is_a_no_op_a_new_label_renames(trained, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    out = tmp_path / "eval"
+    shutil.copytree(trained["out"], out)
+    before = _files(out)
+    monkeypatch.setattr(G, "greedy_generate", lambda *a, **k: pytest.fail("generated again"))
+    capsys.readouterr()
+    assert main(trained["args"] + ["--out", str(out)]) == 0
+    assert "nothing to do" in capsys.readouterr().err and _files(out) == before
+
+    assert main(trained["args"] + ["--out", str(out), "--max-new-tokens", "30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_new_tokens: 40 -> 30" in err and "--overwrite" in err, err
+    assert _files(out) == before
+
+    assert main(trained["args"][:-1] + ["renamed", "--out", str(out)]) == 0
+    after = _files(out)
+    metrics = json.loads(after["metrics.json"])
+    assert metrics["label"] == "renamed" and {**metrics, "label": "tiny"} == json.loads(before["metrics.json"])
+    assert after["predictions.jsonl"] == before["predictions.jsonl"] and after.keys() == before.keys()
+    assert all(after[f] != before[f] for f in after if f.endswith(".png"))  # titles name the new label
+
+
+def test_a_failed_write_keeps_the_finished_evaluation(trained, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+
+    from first_kd import plots
+
+    out = tmp_path / "eval"
+    shutil.copytree(trained["out"], out)
+    before = _files(out)
+
+    def full_disk(panels, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(plots, "save_reliability_comparison", full_disk)
+    capsys.readouterr()
+    assert main(trained["args"] + ["--out", str(out), "--max-new-tokens", "30", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "first-kd evaluate: error:" in line]  # after progress bars
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert "No space left" in errors[0] and "reliability.png" in errors[0], err
+    assert _files(out) == before  # metrics, predictions and every figure of the finished evaluation
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
