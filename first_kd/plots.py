@@ -61,6 +61,11 @@ def _new_panel_axes(n_panels: int, panel_size=(4.2, 4.8)):
     return fig, ax_bars, ax_hist
 
 
+def plain_text(text) -> str:
+    """`text` shown as typed: matplotlib reads a pair of `$` as math (a label with `$x^$` would fail to draw)."""
+    return str(text).replace("$", r"\$")
+
+
 def reliability_diagram(
     bins_table: Any,
     title: str,
@@ -74,7 +79,7 @@ def reliability_diagram(
 
     Args:
         bins_table: {"lower","upper","count","mean_confidence","accuracy"} per bin.
-        title: panel title; ECE and accuracy are appended on a second line.
+        title: panel title, shown as typed (no math); ECE and accuracy are appended on a second line.
         ax_bars, ax_hist: axes to draw into (both or neither); a new figure when None.
         ece, accuracy: shown in the title; computed from the table when None (exact for ECE, since
             the table holds the per-bin means and counts).
@@ -111,7 +116,7 @@ def reliability_diagram(
     ax_bars.set_aspect("auto")
     ax_bars.grid(True, linestyle=":", linewidth=0.5, zorder=0)
     ax_bars.tick_params(labelbottom=False)
-    ax_bars.set_title(f"{title}\nECE = {ece:.3f}   accuracy = {accuracy:.3f}", fontsize=10)
+    ax_bars.set_title(f"{plain_text(title)}\nECE = {ece:.3f}   accuracy = {accuracy:.3f}", fontsize=10)
     if legend:
         ax_bars.legend(loc="upper left", fontsize=8, framealpha=0.9)
 
@@ -158,9 +163,15 @@ def reliability_figure(panels: Sequence[tuple[str, Any, Optional[dict]]]):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", dpi=120)
+    except OSError as e:
+        if e.filename is None:  # a failed write (full disk) names no file: say which one
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+    finally:
+        plt.close(fig)  # also when the disk is full: a long-lived process must not keep the figure
     return path
 
 

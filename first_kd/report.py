@@ -11,19 +11,37 @@ Each RUN is a `first-kd evaluate --out` directory (or its metrics.json). The rep
 
 A generation evaluation (`first-kd evaluate --modes slow,fast,auto`) gives one row per mode, labelled
 "LABEL [mode]", and the table gains a "Mean tokens" column (generated tokens per answer).
+
+Everything users pass in (labels, the title, paths, and the fields of a run's metrics.json) is escaped,
+so report.md shows it as text: no HTML, image, link or emphasis of theirs is rendered.
+
+Writing: the files are made in a scratch directory inside --out and moved into place when all are done
+(report.json last), so a failure (full disk, bad run) leaves a previous report as it was. report.json
+records what the report was made from (runs, labels, title, a digest of each metrics.json) and digests of
+the files it wrote: the same command with unchanged evaluations and untouched files is a no-op (exit 0);
+otherwise (or with --overwrite) the report is rebuilt: it is a view of the evaluations, remade in seconds
+from them, so other runs, labels or a title replace it rather than being refused. --out may hold other
+files (the demo writes its report into its own directory): only the report's files are replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import List, Optional
+from urllib.parse import quote
 
 from first_kd.config import option
 from first_kd.errors import FirstKDError
+from first_kd.files import write_text_atomic
+from first_kd.outputs import exclusive_lock, fsync_dir, say_done
 
 PANELS_PER_FIGURE = 6
 # (metrics key, column title, "max" when higher is better, "min" when lower is, decimals)
@@ -47,6 +65,8 @@ class ReportConfig:
     out: Optional[str] = option(None, help="directory to write report.md, report.json and reliability.png")
     labels: List[str] = option([], help="comma-separated names for the runs, in order (default: each run's label)")
     title: str = option("first-kd evaluation report", help="report title")
+    overwrite: bool = option(False, help="rebuild the report even when its evaluations and files are unchanged "
+                                         "(otherwise the same command is a no-op)")
 
     def validate(self):
         if not self.runs:
@@ -54,6 +74,9 @@ class ReportConfig:
                                "(RUN_DIR = a `first-kd evaluate --out` directory)")
         if not self.out:
             raise FirstKDError("missing --out (directory for report.md, report.json, reliability.png)")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise FirstKDError(f"--out {self.out} is a file: give a directory for report.md, report.json and the "
+                               "figures")
         if self.labels and len(self.labels) != len(self.runs):
             raise FirstKDError(f"--labels names {len(self.labels)} run(s) but {len(self.runs)} were given: "
                                "give one label per run, in order")
@@ -113,8 +136,35 @@ def _number(value, decimals: int) -> str:
     return f"{value:.{decimals}f}"
 
 
+# Backslash-escaped wherever they appear: the characters of CommonMark / GitHub Markdown syntax that work
+# mid-line (emphasis, code, links and images, HTML and entities, tables, strikethrough, math, a heading's
+# closing #s); an underscore only where it could emphasise (not inside a word: student_first stays).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|~$&#])|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def md_text(text) -> str:
+    """`text` as literal Markdown text on one line (safe in a table cell, a heading or a list item)."""
+    return _MARKDOWN_SPECIAL.sub(lambda m: "\\" + m.group(0), " ".join(str(text).splitlines()))
+
+
+def md_code(text, in_table: bool = False) -> str:
+    """`text` as an inline code span (a path): HTML and Markdown inside are not rendered; a fence longer
+    than any run of backticks in it, and in a table cell the pipes escaped (GitHub splits cells first)."""
+    text = " ".join(str(text).splitlines())
+    if in_table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_link_target(path: str) -> str:
+    """A relative path as a link destination: percent-encoded, so spaces or brackets cannot end the link."""
+    return quote(path, safe="/")
+
+
 def _cell(text) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return md_text(text)
 
 
 def _best(runs: list[dict], key: str, sense: Optional[str]) -> Optional[float]:
@@ -166,7 +216,7 @@ def temperature_table(labels: list[str], runs: list[dict]) -> list[str]:
         where = fitted.get("path") if isinstance(fitted, dict) else fitted
         lines.append("| " + " | ".join([
             _cell(label), _cell(t.get("form")), _number(t.get("value"), 4), _cell(t.get("objective", "?")),
-            f"`{_cell(where)}`" if where else "?",
+            md_code(where, in_table=True) if where else "?",
             f"{_number(t.get('ece_before'), 4)} → {_number(t.get('ece_after'), 4)}",
             f"{_number(t.get('nll_before'), 4)} → {_number(t.get('nll_after'), 4)}",
             f"{int(t['n_positions']):,}" if t.get("n_positions") is not None else "?",
@@ -207,7 +257,7 @@ def _data_text(run: dict) -> str:
         return ""
     # A file has one split; a hub dataset or a saved DatasetDict is read at the split that was asked for.
     split = run.get("split") if not str(data).endswith(_DATA_FILE_SUFFIXES) else None
-    return f" on `{data}`" + (f" (split {split})" if split else "")
+    return f" on {md_code(data)}" + (f" (split {md_text(split)})" if split else "")
 
 
 def render_markdown(title: str, labels: list[str], runs: list[dict], files: list[Path], figures: list[str],
@@ -217,13 +267,13 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
                   "token": "target tokens (top-1 probability vs the next token)",
                   "generation": "answers the model generated (confidence = its probability of the answer tokens "
                                 "it wrote; no answer = wrong with confidence 0; NLL not defined)"}
-    lines = [f"# {title}", "", *metrics_table(labels, runs), ""]
+    lines = [f"# {md_text(title)}", "", *metrics_table(labels, runs), ""]
     notes = ["ECE, MCE, Brier and NLL: lower is better; **bold** marks the best of a column."]
-    notes.append("Scored on " + "; ".join(level_text.get(lv, str(lv)) for lv in sorted(levels, key=str)) + ".")
+    notes.append("Scored on " + "; ".join(level_text.get(lv, md_text(lv)) for lv in sorted(levels, key=str)) + ".")
     if len(levels) > 1:
         notes.append("Runs score different things (answers vs tokens): compare rows of the same level only.")
     bins = {run.get("n_bins") for run in runs}
-    notes.append(f"ECE / MCE use {', '.join(str(b) for b in sorted(bins, key=str))} equal-width confidence bins.")
+    notes.append(f"ECE / MCE use {', '.join(md_text(b) for b in sorted(bins, key=str))} equal-width confidence bins.")
     if any(run.get("nll_scope") not in (None, "all") for run in runs):
         notes.append("† NLL of a cached teacher (top-k store) averages over the examples whose gold answer or "
                      "token gets a probability > 0 from the top-k distribution; the others have no finite "
@@ -242,17 +292,52 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
     lines += ["## Runs", ""]
     for label, run, file in zip(labels, runs, files):
         rel = Path(os.path.relpath(file.parent, out)).as_posix()
-        what = f"model `{run.get('model')}`" if run.get("source") != "store" else \
-            f"store `{run.get('store')}` (teacher `{run.get('model')}`)"
+        what = f"model {md_code(run.get('model'))}" if run.get("source") != "store" else \
+            f"store {md_code(run.get('store'))} (teacher {md_code(run.get('model'))})"
         diagram = f"reliability-{run['mode']}.png" if run.get("mode") else "reliability.png"
-        lines.append(f"- **{_cell(label)}**: {what}{_data_text(run)}; [metrics]({rel}/metrics.json), "
-                     f"[diagram]({rel}/{diagram}), [predictions]({rel}/predictions.jsonl)")
+        links = ", ".join(f"[{name}]({md_link_target(f'{rel}/{target}')})" for name, target in
+                          (("metrics", "metrics.json"), ("diagram", diagram), ("predictions", "predictions.jsonl")))
+        lines.append(f"- **{_cell(label)}**: {what}{_data_text(run)}; {links}")
     return "\n".join(lines) + "\n"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def made_from(files: list[Path], labels: Optional[list[str]], title: str) -> dict:
+    """What a report is a view of: its runs' metrics.json (path and content digest), labels and title."""
+    return {"runs": [str(Path(f).resolve()) for f in files], "metrics_sha256": [_sha256(f) for f in files],
+            "labels": list(labels) if labels else None, "title": title}
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        if e.filename is None:  # a failed write (full disk) names no file: say which one
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        raise
+
+
+def _publish(scratch: Path, out: Path, names: list[str]) -> None:
+    """Move the finished files from `scratch` into `out`, report.json last (its presence with these
+    digests is what says the report is complete)."""
+    for name in sorted(names, key=lambda n: n == "report.json"):
+        os.replace(scratch / name, out / name)
+    fsync_dir(out)
 
 
 def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
                  title: str = "first-kd evaluation report") -> dict:
-    """Write report.md, report.json and the reliability figure(s) into `out`; return the report.json dict."""
+    """Write report.md, report.json and the reliability figure(s) into `out`; return the report.json dict.
+
+    The files are made in a scratch directory inside `out` and moved into place when all are written, so a
+    failure leaves the previous report's files as they were."""
     out = Path(out)
     loaded = [load_run(p) for p in run_paths]
     files = [f for f, _ in loaded]
@@ -262,17 +347,45 @@ def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
     names = list(labels) if labels else [str(r.get("label") or default_name(f)) for r, f in zip(runs, files)]
     names, runs, files = expand_modes(unique_labels(names), runs, files)
     names = unique_labels(names)
+    origin = made_from([f for f, _ in loaded], labels, title)
     out.mkdir(parents=True, exist_ok=True)
-    figures = _figures(names, runs, out)
-    report = {
-        "title": title,
-        "models": {name: {k: v for k, v in run.items() if k != "bins"} | {"metrics_file": str(f)}
-                   for name, run, f in zip(names, runs, files)},
-        "temperature": {name: run["temperature"] for name, run in zip(names, runs) if run.get("temperature")},
-        "figures": figures,
-    }
-    (out / "report.md").write_text(render_markdown(title, names, runs, files, figures, out))
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        figures = _figures(names, runs, scratch)
+        _write(scratch / "report.md", render_markdown(title, names, runs, files, figures, out))
+        report = {
+            "title": title,
+            "models": {name: {k: v for k, v in run.items() if k not in ("bins", "settings")} | {"metrics_file": str(f)}
+                       for name, run, f in zip(names, runs, files)},
+            "temperature": {name: run["temperature"] for name, run in zip(names, runs) if run.get("temperature")},
+            "figures": figures,
+            "made_from": origin,
+            "files_sha256": {name: _sha256(scratch / name) for name in ["report.md", *figures]},
+        }
+        _write(scratch / "report.json", json.dumps(report, indent=2) + "\n")
+        _publish(scratch, out, ["report.md", *figures, "report.json"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def finished_report(out: Path, origin: dict) -> Optional[dict]:
+    """The report.json in `out` when it was made from `origin` and its files are as it wrote them (the
+    re-run is then a no-op), else None: no report, other runs, changed evaluations, or files edited since
+    (the demo appends to report.md)."""
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("made_from") != origin:
+        return None
+    written = report.get("files_sha256")
+    if not isinstance(written, dict) or not written:
+        return None
+    for name, digest in written.items():
+        path = out / str(name)
+        if Path(name).name != name or not path.is_file() or _sha256(path) != digest:
+            return None
     return report
 
 
@@ -281,8 +394,14 @@ def default_name(metrics_file: Path) -> str:
 
 
 def run_report(cfg: ReportConfig) -> int:
-    report = build_report(cfg.runs, cfg.out, cfg.labels or None, cfg.title)
     out = Path(cfg.out)
+    with exclusive_lock(out, "report"):
+        origin = made_from([load_run(p)[0] for p in cfg.runs], cfg.labels or None, cfg.title)
+        if not cfg.overwrite and finished_report(out, origin) is not None:
+            return say_done("report", out, "a report of these evaluations")
+        for stale in out.glob(".report-*") if out.is_dir() else []:  # scratch of a killed run (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        report = build_report(cfg.runs, cfg.out, cfg.labels or None, cfg.title)
     print(f"first-kd report: {len(report['models'])} run(s) -> {out / 'report.md'}, {out / 'report.json'}, "
           f"{', '.join(str(out / f) for f in report['figures'])}")
     return 0

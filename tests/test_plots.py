@@ -104,3 +104,31 @@ def test_bad_input():
     with pytest.raises(ValueError, match="both"):
         P.reliability_diagram(table, "x", ax_bars=ax)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("title", [r"cost $5 and $6", r"$\frac{$", "a_b^c $x^$"])
+def test_titles_are_shown_as_typed(tmp_path, title):
+    # A label with dollar signs is not math: it is drawn as typed (and "$x^$" used to fail to draw at all).
+    table = M.calibration_bins(*_model(2, 0.5))
+    fig = P.reliability_diagram(table, title)
+    fig.canvas.draw()
+    assert fig.axes[0].get_title().splitlines()[0].replace("\\$", "$") == title
+    plt.close(fig)
+    path = P.save_reliability_diagram(table, tmp_path / "t.png", title)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_failed_save_names_the_file_and_closes_the_figure(tmp_path, monkeypatch):
+    import errno
+
+    table = M.calibration_bins(*_model(3, 0.5))
+    open_before = len(plt.get_fignums())
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plt.Figure, "savefig", full_disk)
+    with pytest.raises(OSError) as e:
+        P.save_reliability_diagram(table, tmp_path / "x.png", "t")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "x.png")
+    assert len(plt.get_fignums()) == open_before

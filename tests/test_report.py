@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import matplotlib.image
 import numpy as np
@@ -177,3 +178,114 @@ def test_cache_calibrate_evaluate_report(tmp_path, tiny_tokenizer):
     assert re.search(rf"\| val teacher raw \| store \| none \| [*]*{raw['accuracy']:.4f}", md)
     assert f"{record['ece_before']:.4f} → {record['ece_after']:.4f}" in md
     assert (tmp_path / "report" / "reliability.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------------------------
+# the output: same command twice, failed writes, user text escaped
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_same_command_twice_is_a_no_op_until_something_changes(tmp_path, capsys):
+    fake_run(tmp_path / "a", "a", sharpen=0.5, seed=0)
+    fake_run(tmp_path / "b", "b", sharpen=1.0, seed=1)
+    out = tmp_path / "report"
+    args = ["report", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(out), "--title", "T"]
+    assert main(args) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    def rebuilt() -> bool:
+        capsys.readouterr()
+        assert main(args) == 0
+        return "nothing to do" not in capsys.readouterr().err
+
+    with open(out / "report.md", "a") as f:  # what the demo does after its report step
+        f.write("\n## Appended\n")
+    assert rebuilt() and "## Appended" not in (out / "report.md").read_text()
+    assert not rebuilt()
+    fake_run(tmp_path / "b2", "b", sharpen=0.2, seed=1)  # b evaluated again: other numbers
+    (tmp_path / "b" / "metrics.json").write_bytes((tmp_path / "b2" / "metrics.json").read_bytes())
+    assert rebuilt()
+    args[-1] = "Other title"
+    assert rebuilt() and (out / "report.md").read_text().startswith("# Other title")
+    assert sorted(p.name for p in out.iterdir()) == ["reliability.png", "report.json", "report.md"]  # no scratch
+
+
+def test_a_failed_write_keeps_the_previous_report(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from first_kd import plots
+
+    fake_run(tmp_path / "a", "a", sharpen=0.5)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "a"), "--out", str(out)]) == 0
+    before = _files(out)
+
+    def full_disk(panels, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(plots, "save_reliability_comparison", full_disk)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "a"), "--out", str(out), "--title", "new"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left" in err and "reliability.png" in err, err
+    assert _files(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unusable_out_is_one_line(tmp_path, capsys):
+    import os
+
+    fake_run(tmp_path / "a", "a", sharpen=0.5)
+    a_file = tmp_path / "existing.txt"
+    a_file.write_text("mine")
+    if os.geteuid() == 0:  # root ignores permission bits (CI runs tests as root): /sys takes no new entries
+        read_only = Path("/sys/first-kd-test-unwritable/report")
+    else:
+        (tmp_path / "ro").mkdir()
+        (tmp_path / "ro").chmod(0o555)
+        read_only = tmp_path / "ro" / "report"
+    cases = [(a_file, "is a file"), (a_file / "report", str(a_file)), (read_only, str(read_only.parent))]
+    for out, message in cases:
+        assert main(["report", str(tmp_path / "a"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert a_file.read_text() == "mine"
+
+
+HOSTILE = ["<script>alert(1)</script>", "![x](http://host/i.png)", "[click](javascript:alert(1))",
+           "**loud** _em_ `code` ~~gone~~ $x^2$ &lt;b&gt;", "a|b\nc"]
+
+
+def test_user_text_is_escaped_in_report_md(tmp_path):
+    runs = []
+    for i, label in enumerate(HOSTILE):
+        run = tmp_path / f"run ({i}) [x]"  # a path with a space and brackets
+        fake_run(run, label, sharpen=0.5, seed=i, n=100, temperature=RECORD if i == 0 else None)
+        data = json.loads((run / "metrics.json").read_text())
+        data.update(model="<img src=http://host/m.png>", data="`d`.jsonl|x", split="<b>train</b>")
+        (run / "metrics.json").write_text(json.dumps(data))
+        runs.append(run)
+    title = "# <img src=x onerror=alert(1)> report *"
+    R.build_report(runs, tmp_path / "r", title=title)
+    md = (tmp_path / "r" / "report.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")][1: 1 + len(HOSTILE)]
+    assert len(table) == len(HOSTILE) and all(line.endswith(" 100 |") for line in table)  # one line per run
+    for line, label in zip(table, HOSTILE):  # every character Markdown would act on is escaped
+        cell = line[2: line.index(" | store |" if " | store |" in line else " | model |")]
+        assert re.sub(r"\\(.)", r"\1", cell) == " ".join(label.splitlines())
+        assert not re.search(r"(?<!\\)[<>\[\]*`~$&|]", cell), cell
+
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(md)  # raw HTML allowed, as on GitHub
+    assert "<script" not in html and "<img src=\"http://host" not in html and "<img src=x" not in html
+    assert 'href="javascript' not in html and "<strong>loud" not in html and "<em>em" not in html
+    assert html.count("<h1>") == 1 and "&lt;img src=x onerror=alert(1)&gt; report *</h1>" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "![x](http://host/i.png)" in html
+    assert 'href="../run%20%280%29%20%5Bx%5D/metrics.json"' in html  # links to the runs still work
+    assert html.count("<tr>") == len(HOSTILE) + 1 + 2  # metrics table rows + header, temperature table
