@@ -30,7 +30,16 @@ Output directory:
 
 Resume: re-running the same command after a crash (even kill -9) continues from the newest checkpoint;
 the data order is a permutation seeded by (seed, epoch), so the position is just the step number, and
-on CPU the result is bitwise the same as an uninterrupted run.
+on CPU the result is bitwise the same as an uninterrupted run. The same command on a finished run is a
+no-op (exit 0); other options are refused (one line naming them), and so is a finished `first` run whose
+store has been calibrated again since.
+
+--overwrite never destroys a run before its replacement exists: the new run is trained in a directory
+beside OUT (`.staging-NAME`) and its files replace the old run's (other files in OUT are left alone) only
+once it has finished. Until then a failure of any kind (a student or store that does not load, a full
+disk, a diverging loss, a kill) leaves the old run, finished or not, as it was; the partial new run is
+removed (after a kill, by the next --overwrite). A failed write (full disk, read-only directory) is one
+line naming the file; complete checkpoints are kept, so the same command resumes once it is fixed.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
+from first_kd.outputs import STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff
 from first_kd.evaluate import options_from_logits
 from first_kd.losses import chunked_distillation_loss, distillation_loss
 from first_kd.models import last_hidden_states
@@ -66,6 +76,8 @@ RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "ke
 
 CHECKPOINT_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+# What a run writes into OUT, summary.json (the mark of a finished run) last: --overwrite replaces these only.
+RUN_ENTRIES = (".model.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "model", "summary.json")
 
 
 @dataclass(kw_only=True)
@@ -386,7 +398,8 @@ def _comparable(cfg_dict: dict) -> dict:
 
 
 def check_run_dir(out: Path, cfg: DistillConfig) -> None:
-    """Refuse to mix two different runs in one directory (one line naming the differences)."""
+    """Refuse to mix two different runs in one directory (one line naming the differences); with
+    --overwrite a run of other options is fine (it is replaced), a directory of other files never is."""
     saved_path = out / "config.yaml"
     if out.exists() and not out.is_dir():
         raise FirstKDError(f"--out {out} is a file: give a directory for the run")
@@ -396,35 +409,75 @@ def check_run_dir(out: Path, cfg: DistillConfig) -> None:
             raise FirstKDError(f"--out {out} is not empty and holds no first-kd run ({', '.join(foreign)} ...): "
                                "choose a new --out")
         return
-    saved = _comparable(yaml.safe_load(saved_path.read_text()) or {})
-    current = _comparable(to_dict(cfg))
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if cfg.overwrite:
+        return
+    changed = settings_diff(_comparable(yaml.safe_load(saved_path.read_text()) or {}), _comparable(to_dict(cfg)))
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:4])
-        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-        raise FirstKDError(f"--out {out} holds a run with different options ({diffs}{more}): "
+        raise FirstKDError(f"--out {out} holds a run with different options ({changed}): "
                            "use a new --out, or --overwrite to discard it")
 
 
-def clear_run_dir(out: Path) -> None:
-    """Remove what a previous run wrote (and only that: never a user's other files)."""
-    for name in ("checkpoints", "model", "tensorboard", ".model.tmp"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("config.yaml", "metrics.jsonl", "summary.json"):
-        (out / name).unlink(missing_ok=True)
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and any((out / name).exists() for name in RUN_ENTRIES)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def staging_dir_for(out: Path) -> Path:
+    """Where --overwrite builds the new run: beside OUT (same filesystem, so moving it in is a rename)."""
+    out = out.resolve()
+    return out.parent / f"{STAGING_PREFIX}{out.name}"
+
+
+def replace_run(new: Path, out: Path) -> None:
+    """Put the finished run built in `new` in place of the run in `out`, entry by entry (RUN_ENTRIES; any
+    other file in `out` is left alone). The old summary.json goes first and the new one comes last, so
+    `out` never looks finished while it holds parts of both runs."""
+    (out / "summary.json").unlink(missing_ok=True)
+    fsync_dir(out)
+    for name in RUN_ENTRIES:
+        old = out / name
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+        if (new / name).exists():
+            os.replace(new / name, old)
+    fsync_dir(out)
+    shutil.rmtree(new, ignore_errors=True)
+
+
+def _temperature_words(record: Optional[dict]) -> str:
+    if not record:
+        return "none"
+    return f"{record.get('form')} {record.get('value')}"
+
+
+def _finished_already(out: Path, cfg: DistillConfig) -> int:
+    """The re-run of a finished run: a no-op, unless `first`'s store has been calibrated again since."""
+    from first_kd.store import open_store
+
+    done = json.loads((out / "summary.json").read_text())
+    if cfg.loss == "first" and cfg.store:
+        try:
+            now = open_store(cfg.store).temperature
+        except FirstKDError:  # the store is gone: the finished run stands
+            now = None
+        then = done.get("temperature") or {}
+        key = ("form", "value")
+        if now is not None and [now.get(k) for k in key] != [then.get(k) for k in key]:
+            raise FirstKDError(f"{out} holds a run trained with the temperature of {cfg.store} at the time "
+                               f"({_temperature_words(then)}), which now records {_temperature_words(now)}: pass "
+                               "--overwrite to train with the new one, or choose another --out")
+    return say_done("distill", out, f"a finished run ({done.get('steps')} steps, model in {out / 'model'})")
+
+
+def _write_failed(path: Path, error: Exception) -> Exception:
+    """The error to raise when writing `path` failed. torch and safetensors report a full disk as a
+    RuntimeError / SafetensorError, not an OSError: both become one line naming the file."""
+    if isinstance(error, OSError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+    return FirstKDError(f"could not write {path} ({reason}): free disk space or make the directory writable, then "
+                        "re-run the same command (complete checkpoints and finished outputs were left as they were)")
 
 
 def _rng_state() -> dict:
@@ -462,15 +515,19 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
     tmp = root / f"{TMP_PREFIX}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state()}, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays
+        raise _write_failed(tmp, e) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(out):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -512,8 +569,12 @@ def save_final_model(out: Path, model, tokenizer) -> Path:
     """save_pretrained into a temp dir, then swap it in, so OUT/model is never half written."""
     tmp, final = out / ".model.tmp", out / "model"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(tmp, e) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -596,33 +657,8 @@ def _summary_writer(out: Path):
 # ----------------------------------------------------------------------------------------------
 
 
-def run_distill(cfg: DistillConfig) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    out = Path(cfg.out)
-    if cfg.overwrite:
-        clear_run_dir(out)
-    check_run_dir(out, cfg)
-    summary_path = out / "summary.json"
-    if summary_path.is_file():
-        done = json.loads(summary_path.read_text())
-        _say(f"{out} already holds a finished run ({done.get('steps')} steps, model in {out / 'model'}): "
-             "nothing to do; use --overwrite to train again")
-        return 0
-
-    _forget_previous_accelerator()
-    # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-
-    # --- student and training examples ---------------------------------------------------------
-    model, tokenizer = load_student(cfg, accelerator.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
-    use_teacher = cfg.loss in ("first", "kd")
+def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
+    """(training examples, the temperature record applied to the teacher: {} for none)."""
     temperature = {}
     if use_teacher or not cfg.data:
         store = _open_store(cfg.store, tokenizer, model)
@@ -641,26 +677,27 @@ def run_distill(cfg: DistillConfig) -> int:
         train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit)
     if len(train) == 0:
         raise FirstKDError("no training examples: check --data / --store and --limit")
+    return train, temperature
 
-    val, val_teacher, val_choice_ids = None, False, []
+
+def _validation_examples(cfg: DistillConfig, tokenizer, model, temperature: dict, use_teacher: bool):
+    """(held-out examples or None, whether they carry the teacher, the option-letter ids of MCQA data)."""
     if cfg.val_store:
         val_store = _open_store(cfg.val_store, tokenizer, model)
         # Validate against the same targets as training: the training store's temperature for `first`.
         val = StoreExamples(val_store, temperature, cfg.other_bucket)
-        val_teacher, val_choice_ids = use_teacher, val_store.choice_token_ids
-        if cfg.val_limit:
-            val = _Subset(val, cfg.val_limit)
-    elif cfg.val_data:
-        val, val_choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split,
-                                             cfg.val_limit)
+        return (_Subset(val, cfg.val_limit) if cfg.val_limit else val), use_teacher, val_store.choice_token_ids
+    if cfg.val_data:
+        val, choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split, cfg.val_limit)
+        return val, False, choice_ids
+    return None, False, []
 
-    # --- schedule --------------------------------------------------------------------------------
-    world = accelerator.num_processes
-    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
-    steps_per_epoch = math.ceil(len(train) / step_examples)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+
+def _optimization(cfg: DistillConfig, model, total_steps: int, accelerator):
+    """(loss module and optimizer, both prepared by accelerate; the scheduler; the warmup steps)."""
+    from transformers import get_scheduler
+
     warmup_steps = int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
-
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -675,50 +712,105 @@ def run_distill(cfg: DistillConfig) -> int:
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    device = accelerator.device
+    return loss_module, optimizer, scheduler, warmup_steps
 
-    # --- resume ------------------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    start_step = 0
+
+def _start(work: Path, out: Path, cfg: DistillConfig, accelerator, model, optimizer, scheduler,
+           total_steps: int) -> tuple[int, Optional[Path]]:
+    """Make the run directory ready and resume from its newest checkpoint: (first step, that checkpoint).
+    A staged --overwrite run (work != out) always starts afresh."""
+    main = accelerator.is_main_process
+    if main and work != out:
+        clear_stale(out.resolve())  # what an earlier --overwrite left when it was killed
+    accelerator.wait_for_everyone()
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
     if main:
-        if not (out / "config.yaml").exists():
-            save_yaml(cfg, out / "config.yaml")
-        for stale in (out / "checkpoints").glob(f"{TMP_PREFIX}*") if (out / "checkpoints").is_dir() else []:
+        if not (work / "config.yaml").exists():
+            save_yaml(cfg, work / "config.yaml")
+        for stale in (work / "checkpoints").glob(f"{TMP_PREFIX}*") if (work / "checkpoints").is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a save interrupted by a kill
-    checkpoints = list_checkpoints(out)
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(work) if work == out else []
     last_good = checkpoints[-1] if checkpoints else None
+    start_step = 0
     if last_good is not None:
-        start_step = load_checkpoint(last_good, accelerator.unwrap_model(loss_module).model, optimizer, scheduler)
+        start_step = load_checkpoint(last_good, model, optimizer, scheduler)
         if main:
             _truncate_metrics(metrics_path, start_step)
             _say(f"resuming from {last_good} (step {start_step} of {total_steps})")
     elif main:
         metrics_path.unlink(missing_ok=True)
+    return start_step, last_good
+
+
+def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summary: dict, writer) -> None:
+    """Main process: the final model and summary.json (last), then a staged run replaces the old one."""
+    save_final_model(work, student, tokenizer)
+    summary = {**summary, "model": str(out / "model")}
+    write_text_atomic(work / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if writer is not None:
+        writer.close()
+    if work != out:
+        crash_point("distill:before-replace")
+        replace_run(work, out)
+    _say(f"done: {summary['steps']} steps; model in {out / 'model'}")
+
+
+def run_distill(cfg: DistillConfig) -> int:
+    """Train (or resume) the run in --out; the same command on a finished run is a no-op. With --overwrite
+    on a directory holding a run, the new run is built beside it and replaces it only once finished (see
+    the module docstring); a failure removes the partial new run and leaves the old one as it was."""
+    out = Path(cfg.out)
+    check_run_dir(out, cfg)
+    if not cfg.overwrite and (out / "summary.json").is_file():
+        return _finished_already(out, cfg)
+    work = staging_dir_for(out) if cfg.overwrite and holds_run(out) else out
+    try:
+        return _train(cfg, out, work)
+    except BaseException:
+        if work != out:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
+    """The training run: everything is written into `work` (OUT itself, or the staging directory of an
+    --overwrite); `out` is where the finished run ends up."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    _forget_previous_accelerator()
+    # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    # --- student, examples, schedule ---------------------------------------------------------------
+    model, tokenizer = load_student(cfg, accelerator.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    use_teacher = cfg.loss in ("first", "kd")
+    train, temperature = _training_examples(cfg, tokenizer, model, use_teacher)
+    val, val_teacher, val_choice_ids = _validation_examples(cfg, tokenizer, model, temperature, use_teacher)
+    world = accelerator.num_processes
+    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
+    steps_per_epoch = math.ceil(len(train) / step_examples)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    loss_module, optimizer, scheduler, warmup_steps = _optimization(cfg, model, total_steps, accelerator)
+    device = accelerator.device
+    student = accelerator.unwrap_model(loss_module).model
+    start_step, last_good = _start(work, out, cfg, accelerator, student, optimizer, scheduler, total_steps)
+    metrics_path = work / "metrics.jsonl"
     if main:
         _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
              f"{step_examples} sequences, lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
              f"mixed precision {accelerator.mixed_precision}, device {device}")
 
-    writer = _summary_writer(out) if main else None
-    student = accelerator.unwrap_model(loss_module).model
+    writer = _summary_writer(work) if main else None
     params = [p for p in loss_module.parameters() if p.requires_grad]
-
-    def log(record: dict) -> None:
-        if not main:
-            return
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, record["step"])
-
-    def validate_now() -> dict:
-        # On the main process only (the others wait): held-out sets are small next to training.
-        if val is None or not main:
-            return {}
-        return evaluate(student, val, pad_id, cfg, val_teacher, val_choice_ids, device)
 
     # --- the loop ----------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=start_step, desc=f"distill ({cfg.loss})", disable=not main,
@@ -732,41 +824,13 @@ def run_distill(cfg: DistillConfig) -> int:
             if epoch != perm_epoch:
                 perm, perm_epoch = epoch_permutation(len(train), cfg.seed, epoch), epoch
             # This step's sequences, this process's share, cut into micro-batches.
-            step_ids = perm[index_in_epoch * step_examples: (index_in_epoch + 1) * step_examples]
-            mine = step_ids[accelerator.process_index::world]
+            mine = perm[index_in_epoch * step_examples:][:step_examples][accelerator.process_index::world]
             micro = [collate([train[i] for i in mine[j: j + cfg.batch_size]], pad_id, use_teacher)
                      for j in range(0, len(mine), cfg.batch_size)]
-            # Normalise by the target count of the whole accumulated step (all processes), not per
-            # micro-batch: that is what makes accumulation equal one big batch. DDP averages gradients
-            # over processes, hence the factor `world`.
-            n_targets = torch.tensor(sum(len(b["targets"]) for b in micro), device=device)
-            total_targets = int(accelerator.reduce(n_targets, reduction="sum")) if world > 1 else int(n_targets)
-            scale = world / max(total_targets, 1)
-
-            step_loss_sum = torch.zeros((), device=device)
-            for j, batch in enumerate(micro):
-                batch = _to_device(batch, device)
-                # Gradients are all-reduced only after the last micro-batch.
-                sync = accelerator.no_sync(loss_module) if j < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    loss = loss_module(batch) * scale
-                    accelerator.backward(loss)
-                step_loss_sum += loss.detach()
-                window_tokens += batch["n_tokens"]
-            # Checked before the optimizer step, so a NaN never reaches the weights (one sync per step).
-            step_loss = step_loss_sum.item() / world
-            if not math.isfinite(step_loss):
-                raise _diverged(out, step, step_loss, cfg.lr, last_good)
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm):
-                raise _diverged(out, step, grad_norm, cfg.lr, last_good, what="gradient norm")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if world > 1:
-                step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum"))
+            step_loss, grad_norm, lr = _optimizer_step(micro, accelerator, loss_module, optimizer, scheduler, params,
+                                                       cfg.max_grad_norm,
+                                                       (work, step, cfg.lr, last_good if work == out else None))
+            window_tokens += sum(b["n_tokens"] for b in micro)
 
             done = step + 1
             window_loss += step_loss
@@ -783,24 +847,21 @@ def run_distill(cfg: DistillConfig) -> int:
                           "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
             if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
-                metrics = validate_now()
+                # On the main process only (the others wait): held-out sets are small next to training.
+                metrics = evaluate(student, val, pad_id, cfg, val_teacher, val_choice_ids, device) if main else {}
                 record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **record, **metrics}
                 if main and metrics:
                     bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}, accuracy "
                               f"{metrics.get('val_accuracy', float('nan')):.4f}, ECE {metrics.get('val_ece', float('nan')):.4f}")
                 accelerator.wait_for_everyone()
             if record:
-                log(record)
+                if main:
+                    _log(metrics_path, writer, record)
                 last_record = record
             # The last step is saved as OUT/model; its optimizer state only when asked to keep it.
             periodic = cfg.save_every and done % cfg.save_every == 0 and not is_last
             if periodic or (is_last and cfg.keep_checkpoints):
-                accelerator.wait_for_everyone()
-                if main:
-                    last_good = save_checkpoint(out, done, student, optimizer, scheduler)
-                else:
-                    last_good = out / "checkpoints" / f"{CHECKPOINT_PREFIX}{done:08d}"
-                accelerator.wait_for_everyone()
+                last_good = _checkpoint(work, done, accelerator, student, optimizer, scheduler)
             if record:  # the next window's throughput counts training only, not validation or saving
                 window_start = time.perf_counter()
     finally:
@@ -809,18 +870,69 @@ def run_distill(cfg: DistillConfig) -> int:
     # --- output --------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     if main:
-        model_dir = save_final_model(out, student, tokenizer)
-        summary = {"finished": True, "steps": total_steps, "loss": cfg.loss, "temperature": temperature,
-                   "examples": len(train), "final": last_record, "model": str(model_dir)}
-        write_text_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if writer is not None:
-            writer.close()
-        _say(f"done: {total_steps} steps; model in {model_dir}")
+        _finish(work, out, cfg, student, tokenizer, {"finished": True, "steps": total_steps, "loss": cfg.loss,
+                "temperature": temperature, "examples": len(train), "final": last_record}, writer)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _log(metrics_path: Path, writer, record: dict) -> None:
+    """One line of metrics.jsonl (and the scalars to tensorboard when it is there)."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+
+
+def _checkpoint(work: Path, step: int, accelerator, student, optimizer, scheduler) -> Path:
+    """Save step `step`'s checkpoint (main process; the others wait) and return its path."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path = save_checkpoint(work, step, student, optimizer, scheduler)
+    else:
+        path = work / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _optimizer_step(micro: list[dict], accelerator, loss_module, optimizer, scheduler, params, max_grad_norm: float,
+                    where: tuple) -> tuple[float, float, float]:
+    """Forward/backward over this process's micro-batches, clip, one optimizer step: (loss, grad norm, lr).
+    `where` = (run dir, step, --lr, last good checkpoint) names the place in a divergence error."""
+    world, device = accelerator.num_processes, accelerator.device
+    # Normalise by the target count of the whole accumulated step (all processes), not per
+    # micro-batch: that is what makes accumulation equal one big batch. DDP averages gradients
+    # over processes, hence the factor `world`.
+    n_targets = torch.tensor(sum(len(b["targets"]) for b in micro), device=device)
+    total_targets = int(accelerator.reduce(n_targets, reduction="sum")) if world > 1 else int(n_targets)
+    scale = world / max(total_targets, 1)
+
+    step_loss_sum = torch.zeros((), device=device)
+    for j, batch in enumerate(micro):
+        batch = _to_device(batch, device)
+        # Gradients are all-reduced only after the last micro-batch.
+        sync = accelerator.no_sync(loss_module) if j < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            loss = loss_module(batch) * scale
+            accelerator.backward(loss)
+        step_loss_sum += loss.detach()
+    # Checked before the optimizer step, so a NaN never reaches the weights (one sync per step).
+    step_loss = step_loss_sum.item() / world
+    if not math.isfinite(step_loss):
+        raise _diverged(*where[:2], step_loss, *where[2:])
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+    if not math.isfinite(grad_norm):
+        raise _diverged(*where[:2], grad_norm, *where[2:], what="gradient norm")
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum"))
+    return step_loss, grad_norm, lr
 
 
 class _Subset:

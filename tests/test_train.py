@@ -454,3 +454,150 @@ def test_unloadable_student_is_a_one_line_error(tmp_path):
                                   data=str(tmp_path / "x.jsonl")))
     assert "no-such-model" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "o" / "model").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: same command twice, --overwrite, failed writes
+# ----------------------------------------------------------------------------------------------
+
+
+def _files(directory: Path) -> dict:
+    """{relative path: bytes} of every file under `directory`."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _cli_args(w, out: Path, **kw) -> list[str]:
+    options = dict(student=w["student"], loss="kd", store=w["store"], max_steps=2, batch_size=4, warmup=0,
+                   save_every=0, out=out)
+    options.update(kw)
+    return ["distill"] + [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".staging-", ".retired-")))
+
+
+def unwritable(tmp_path: Path) -> Path:
+    """A path whose directory cannot be created. Root ignores permission bits (CI runs tests as root), so
+    there it is a path under /sys, where no process may make entries (EPERM; EROFS where /sys is mounted
+    read-only); otherwise a path inside a directory made read-only with chmod."""
+    if os.geteuid() == 0:
+        target = Path("/sys/first-kd-test-unwritable/out")
+    else:
+        parent = tmp_path / "read-only"
+        parent.mkdir()
+        parent.chmod(0o555)
+        target = parent / "out"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (target.parent / "probe").write_text("")
+    except OSError:
+        return target
+    pytest.skip(f"{target.parent} is writable here: no way to simulate a read-only directory")
+
+
+@pytest.mark.slow
+def test_overwrite_with_a_broken_student_or_store_keeps_the_finished_run(world, tmp_path, capsys):
+    from first_kd.cli import main
+
+    out = tmp_path / "run"
+    assert main(_cli_args(world, out)) == 0
+    before = _files(out)
+    student = tmp_path / "truncated-student"
+    shutil.copytree(world["student"], student)
+    weights = student / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(world["store"], store)
+    next(p for p in sorted((store / "topk_logprobs").rglob("*")) if p.is_file() and p.name != "zarr.json").unlink()
+    capsys.readouterr()
+    for broken in (dict(student=student), dict(store=store)):
+        assert main(_cli_args(world, out, **broken) + ["--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("truncated-student" in err or "damaged" in err), err
+        assert _files(out) == before  # the finished run, byte for byte
+        assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_overwrite_killed_before_it_finishes_leaves_the_old_run(world, tmp_path, capsys):
+    from first_kd.cli import main
+
+    out = tmp_path / "run"
+    assert main(_cli_args(world, out)) == 0
+    (out / "notes.txt").write_text("mine")  # a user's file in the run directory
+    before = _files(out)
+    new = _cli_args(world, out, lr=1e-3) + ["--overwrite"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", FIRST_KD_CRASH_AT="distill:before-replace")
+    killed = subprocess.run([sys.executable, "-m", "first_kd.cli", *new], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _files(out) == before  # the new run had finished training, but had not replaced the old one
+    capsys.readouterr()
+    assert main(_cli_args(world, out, lr=1e-3)) == 2  # without --overwrite: still the old run's options
+    assert "different options" in capsys.readouterr().err
+    assert main(new) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 1e-3
+    assert json.loads((out / "summary.json").read_text())["model"] == str(out / "model")
+    assert (out / "notes.txt").read_text() == "mine" and _leftovers(tmp_path) == []
+    assert main(new[:-1]) == 0 and "nothing to do" in capsys.readouterr().err  # the same command again
+
+
+@pytest.mark.slow
+def test_finished_first_run_is_a_no_op_until_its_store_is_calibrated_again(world, tmp_path, capsys):
+    from first_kd.cli import main
+    from first_kd.store import set_temperature
+
+    store = tmp_path / "calibrated.zarr"
+    shutil.copytree(world["store_t"], store)
+    out = tmp_path / "first"
+    args = _cli_args(world, out, loss="first", store=store)
+    assert main(args) == 0
+    stamp = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    set_temperature(store, {**TEMPERATURE, "value": 0.7})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "0.5" in err and "0.7" in err and "--overwrite" in err, err
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_is_one_line_and_loses_nothing(world, tmp_path):
+    import resource
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "first_kd.cli"]
+    assert subprocess.run(cmd + _cli_args(world, out), cwd=REPO, env=env, capture_output=True).returncode == 0
+    before = _files(out)
+    weights = (world["student"] / "model.safetensors").stat().st_size
+
+    def small_disk():  # files may not grow past half a checkpoint: config.yaml fits, model.safetensors does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (weights // 2, weights // 2))
+
+    for extra in (["--overwrite"], []):  # replacing the finished run; a new run that checkpoints
+        target = out if extra else tmp_path / "fresh"
+        full = subprocess.run(cmd + _cli_args(world, target, lr=1e-3, max_steps=4, save_every=2) + extra, cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+        err = full.stderr.strip().splitlines()[-1:]
+        assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+        assert err and "checkpoints" in err[0] and ("File too large" in err[0] or "EFBIG" in err[0]), full.stderr
+        assert _files(out) == before and _leftovers(tmp_path) == []
+    assert not (tmp_path / "fresh" / "summary.json").exists()
+    assert not list((tmp_path / "fresh" / "checkpoints").glob("*"))  # no half-written checkpoint left
+
+
+@pytest.mark.slow
+def test_unwritable_run_directory_is_one_line(world, tmp_path, capsys):
+    from first_kd.cli import main
+
+    out = unwritable(tmp_path)
+    parent_is_file = tmp_path / "file"
+    parent_is_file.write_text("")
+    for target, named in ((out, out.parent), (parent_is_file / "run", parent_is_file)):
+        assert main(_cli_args(world, target) + ["--other-bucket"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(named) in err and "error" in err, err
