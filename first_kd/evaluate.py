@@ -578,7 +578,7 @@ def relabel(out: Path, metrics_now: dict, label: str) -> int:
     """Give the finished evaluation in `out` another label (metrics.json and the figures' titles) without
     measuring again: the label names the evaluation, it is not a setting of it."""
     old = metrics_now.get("label")
-    with staged_dir(out) as stage:
+    with staged_dir(out.resolve()) as stage:
         if (out / "predictions.jsonl").is_file():
             try:
                 os.link(out / "predictions.jsonl", stage / "predictions.jsonl")
@@ -648,7 +648,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     """Measure, then write into a staged directory that replaces --out only when complete; the same
     command on a finished evaluation is a no-op, other settings are refused (see the module docstring)."""
     out = Path(cfg.out)
-    with exclusive_lock(out, "evaluate"):
+    with exclusive_lock(out.resolve(), "evaluate"):  # resolved: an --out of "." has a name and a parent
         store = None
         if cfg.store:
             from first_kd.store import open_store
@@ -666,7 +666,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
             if previous.get("label") == label:
                 return say_done("evaluate", out, "an evaluation")
             return relabel(out, previous, label)
-        with staged_dir(out) as stage:
+        with staged_dir(out.resolve()) as stage:
             if cfg.modes:
                 from first_kd.generation_eval import generate_and_score
 

@@ -395,7 +395,7 @@ def default_name(metrics_file: Path) -> str:
 
 def run_report(cfg: ReportConfig) -> int:
     out = Path(cfg.out)
-    with exclusive_lock(out, "report"):
+    with exclusive_lock(out.resolve(), "report"):  # resolved: an --out of "." has a name and a parent
         origin = made_from([load_run(p)[0] for p in cfg.runs], cfg.labels or None, cfg.title)
         if not cfg.overwrite and finished_report(out, origin) is not None:
             return say_done("report", out, "a report of these evaluations")
