@@ -112,28 +112,53 @@ def make_questions(n=8, seed=0):
     return out
 
 
-def train_until_memorised(model, rows, steps=200, lr=2e-2, target_loss=0.05):
-    """Full-batch CE on the target tokens of `rows` (tokenize_records output); returns the last loss."""
+def train_until_memorised(model, rows, steps=400, lr=5e-3, margin=2.0):
+    """Full-batch CE on the target tokens of `rows` (tokenize_records output) until, for every target the
+    data determines, the model's top logit is that target's by `margin`; returns that smallest margin.
+
+    A target is determined when every row with the same tokens before it continues with it: the [slow] and
+    [fast] variants share their prompt, so the first token where the markers differ is not. A margin far
+    above float noise makes greedy decoding reproduce the training sequences on any machine; a loss
+    threshold did not (at loss 0.05 some targets were still out-scored by up to a logit, so what the model
+    wrote depended on the run). Measured: 90-130 steps over 16 initialisations at this lr."""
     width = max(len(x) for x in rows["input_ids"])
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    following: dict[tuple, set] = {}
     for r, (x, start) in enumerate(zip(rows["input_ids"], rows["target_start"])):
         ids[r, : len(x)] = torch.tensor(x)
         labels[r, start: len(x)] = torch.tensor(x[start:])
         mask[r, : len(x)] = 1
+        for j in range(1, len(x)):
+            following.setdefault(tuple(x[:j]), set()).add(x[j])
+    determined = labels.clone()
+    for r, (x, start) in enumerate(zip(rows["input_ids"], rows["target_start"])):
+        for j in range(start, len(x)):
+            if len(following[tuple(x[:j])]) > 1:
+                determined[r, j] = -100
+    target = determined[:, 1:]
+    scored = target != -100
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
+    smallest = float("-inf")
+    for step in range(1, steps + 1):
+        model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if loss.item() < target_loss:
-            break
+        if step % 10 == 0:
+            model.eval()
+            with torch.no_grad():
+                z = model(input_ids=ids, attention_mask=mask).logits[:, :-1][scored]
+            t = target[scored][:, None]
+            others = z.scatter(1, t, float("-inf")).max(1).values
+            smallest = float((z.gather(1, t)[:, 0] - others).min())
+            if smallest >= margin:
+                break
     model.eval()
-    return loss.item()
+    return smallest
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +175,8 @@ def trained(tmp_path_factory):
     model_dir = build_llama(root / "model", tok, hidden_size=32, num_layers=1, num_heads=2)
     rows, _ = tokenize_records(datasets.Dataset.from_list(train), tok, DataConfig(trace_levels="0,1"))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    loss = train_until_memorised(model, rows)
-    assert loss < 0.1, f"the tiny model did not learn its 16 sequences (loss {loss:.3f})"
+    margin = train_until_memorised(model, rows)
+    assert margin >= 2.0, f"the tiny model did not learn its 16 sequences (smallest logit margin {margin:.2f})"
     model.save_pretrained(str(model_dir))
     test = root / "test.jsonl"
     test.write_text("".join(json.dumps({"id": q["id"], "question": q["question"], "answer": q["answer"]}) + "\n"
@@ -203,13 +228,15 @@ def test_forced_modes_start_with_the_training_marker_ids(trained):
 def test_the_trained_model_answers_slow_and_fast(trained):
     by_mode = {m: [x for x in trained["lines"] if x["mode"] == m] for m in ("slow", "fast", "auto")}
     assert all(x["finished"] and x["answer"] is not None for x in trained["lines"])
-    for mode, lines in by_mode.items():  # it learnt most of its 8 questions (a tiny model may mix one up)
-        assert trained["metrics"]["modes"][mode]["accuracy"] >= 0.75
+    for mode, lines in by_mode.items():  # memorised by a margin (see the fixture): all 8 right, in every mode
+        assert trained["metrics"]["modes"][mode]["accuracy"] == 1.0
         assert all(x["correct"] == (x["answer"] == x["gold"]) for x in lines)
-    for x in by_mode["fast"]:  # no steps: the answer line straight away
-        assert x["completion"].startswith("The answer is ")
-    for x in by_mode["slow"]:
-        assert x["completion"].startswith("take ") and x["completion"].count("\n") == 3
+    questions = {q["id"]: q for q in trained["questions"]}
+    for x in by_mode["fast"]:  # no steps: the answer line straight away, as trained
+        assert x["completion"] == f"The answer is {questions[x['id']]['answer']}."
+    for x in by_mode["slow"]:  # the steps it was trained on, then the answer line
+        q = questions[x["id"]]
+        assert x["completion"] == "\n".join(q["steps"] + [f"The answer is {q['answer']}."])
     for x in by_mode["auto"]:
         assert x["chosen_mode"] == G.completion_mode(x["completion"], "[slow]", "[fast]") != "none"
     slow, fast = (trained["metrics"]["modes"][m]["mean_generated_tokens"] for m in ("slow", "fast"))
