@@ -42,10 +42,14 @@ and the record written by `set_temperature` replaces any earlier one, so re-fitt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import math
+import sys
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import numpy as np
@@ -55,6 +59,7 @@ from tqdm.auto import tqdm
 from first_kd import metrics
 from first_kd.config import option
 from first_kd.errors import FirstKDError
+from first_kd.store import PENDING_KEY, clear_partials
 from first_kd.temperature import teacher_distribution
 
 PROB_COARSE_GRID = tuple(round(0.1 * i, 10) for i in range(1, 11))  # 0.1 .. 1.0
@@ -64,6 +69,9 @@ LOGIT_BOUNDS = (0.05, 20.0)
 LOGIT_COARSE_POINTS = 41  # odd, so the log-spaced grid over [0.05, 20] holds T = 1 (the middle point)
 LOGIT_FINE_POINTS = 21
 OBJECTIVES = ("ece", "nll")
+# ECE bins: a few tens are usual (FIRST uses 10); past this the count is a typo, and the fit would
+# run for minutes over bins that each hold a handful of positions.
+MAX_BINS = 1000
 DEFAULT_OBJECTIVE = {"prob": "ece", "logit": "nll"}
 
 # Positions read per block from a store: bounds memory, and the bar ticks at this grain.
@@ -272,26 +280,59 @@ def read_positions(store, desc: str = "reading") -> tuple[torch.Tensor, np.ndarr
         hi = min(lo + _READ_BLOCK, n)
         rows = np.arange(lo, hi)
         seq = np.searchsorted(pos_offsets, rows, side="right") - 1
-        token_index = seq_offsets[seq] + group["target_positions"][lo:hi].astype(np.int64) + 1
-        # Rows are in sequence order, so their target tokens lie in one contiguous token range.
-        t0, t1 = int(token_index.min()), int(token_index.max()) + 1
-        targets = group["input_ids"][t0:t1].astype(np.int64)[token_index - t0]
-        ranks[lo:hi] = target_rank(group["topk_ids"][lo:hi].astype(np.int64), targets)
-        logprobs[lo:hi] = group["topk_logprobs"][lo:hi].astype(np.float32)
+        try:
+            token_index = seq_offsets[seq] + group["target_positions"][lo:hi].astype(np.int64) + 1
+            # Rows are in sequence order, so their target tokens lie in one contiguous token range.
+            t0, t1 = int(token_index.min()), int(token_index.max()) + 1
+            targets = group["input_ids"][t0:t1].astype(np.int64)[token_index - t0]
+            ranks[lo:hi] = target_rank(group["topk_ids"][lo:hi].astype(np.int64), targets)
+            logprobs[lo:hi] = group["topk_logprobs"][lo:hi].astype(np.float32)
+        except Exception as e:  # a torn chunk fails its checksum here
+            bar.close()
+            raise FirstKDError(_damaged(store.path, f"{type(e).__name__}: {e}")) from None
         bar.update(hi - lo)
     bar.close()
     return torch.from_numpy(logprobs), ranks
 
 
-def check_pair(train, val) -> None:
-    """Refuse a held-out store that cannot calibrate the training store (one-line FirstKDError)."""
-    ta, va = train.attrs, val.attrs
-    t_teacher, v_teacher = ta.get("teacher") or {}, va.get("teacher") or {}
+def _damaged(path, why: str) -> str:
+    why = " ".join(str(why).split())[:200]
+    return (f"store {path} is damaged ({why}): nothing was written; run `first-kd inspect {path}` and "
+            "re-create it with `first-kd cache ... --overwrite`")
+
+
+def same_teacher(train, val) -> str:
+    """Refuse stores cached from different teachers; returns a note when that could only be judged by name.
+
+    Stores record a fingerprint of the teacher's weights (`teacher.weights`, see first_kd.teacher): when
+    both have one, it decides, whatever path or name the teacher was loaded by. Stores without one (cached
+    by an older first-kd, or a teacher without safetensors files) fall back to the name and revision.
+    """
+    t_teacher, v_teacher = train.attrs.get("teacher") or {}, val.attrs.get("teacher") or {}
+    t_weights, v_weights = t_teacher.get("weights") or {}, v_teacher.get("weights") or {}
+    if t_weights.get("sha256") and t_weights.get("method") == v_weights.get("method"):
+        if t_weights["sha256"] != v_weights.get("sha256"):
+            raise FirstKDError(
+                f"the stores come from teachers with different weights ({t_teacher.get('name')!r}, weights "
+                f"{t_weights['sha256'][:12]} in {train.path}; {v_teacher.get('name')!r}, weights "
+                f"{str(v_weights.get('sha256'))[:12]} in {val.path}): cache the held-out data with the same teacher")
+        return ""
     for key in ("name", "revision"):
         if t_teacher.get(key) != v_teacher.get(key):
             raise FirstKDError(
                 f"the stores come from different teachers ({key} {t_teacher.get(key)!r} in {train.path}, "
                 f"{v_teacher.get(key)!r} in {val.path}): cache the held-out data with the same teacher")
+    without = [str(s.path) for s, w in ((train, t_weights), (val, v_weights)) if not w.get("sha256")]
+    return (f"note: {' and '.join(without) or 'the stores'} record no comparable fingerprint of the teacher's "
+            f"weights (older first-kd, or no safetensors files), so the teacher was matched by name "
+            f"({t_teacher.get('name')!r}) only; re-cache with this first-kd to have the weights compared")
+
+
+def check_pair(train, val) -> str:
+    """Refuse a held-out store that cannot calibrate the training store (one-line FirstKDError); returns a
+    note for the user ('' or one line) when the teacher could be matched by name only."""
+    ta, va = train.attrs, val.attrs
+    note = same_teacher(train, val)
     if (ta.get("tokenizer") or {}).get("sha256") != (va.get("tokenizer") or {}).get("sha256"):
         raise FirstKDError(f"{train.path} and {val.path} were cached with different tokenizers: cache the "
                            "held-out data with the training store's teacher and tokenizer")
@@ -305,6 +346,7 @@ def check_pair(train, val) -> None:
     if t_data.get("fingerprint") and t_data.get("fingerprint") == v_data.get("fingerprint"):
         raise FirstKDError(f"--val-store {val.path} holds the same data as --store {train.path}: never fit the "
                            "temperature on the training split; cache a held-out split (e.g. --split validation)")
+    return note
 
 
 def _level(store) -> str:
@@ -355,6 +397,7 @@ class CalibrateConfig:
     objective: Optional[Literal["ece", "nll"]] = option(
         None, help="what the fit minimises; default ece for --form prob (as FIRST), nll for --form logit")
     n_bins: int = option(10, help="equal-width confidence bins of the ECE")
+    overwrite: bool = option(False, help="fit again even when both stores already hold a fit with these settings")
 
     def validate(self):
         if not self.store:
@@ -362,8 +405,9 @@ class CalibrateConfig:
         if not self.val_store:
             raise FirstKDError("missing --val-store (a held-out store cached with the same teacher, e.g. "
                                "`first-kd cache --split validation`); the temperature is never fitted on training data")
-        if self.n_bins < 1:
-            raise FirstKDError(f"--n-bins must be >= 1, got {self.n_bins}")
+        if not 1 <= self.n_bins <= MAX_BINS:
+            raise FirstKDError(f"--n-bins must be between 1 and {MAX_BINS}, got {self.n_bins}: ECE is usually "
+                               "measured with 10-20 bins (FIRST uses 10)")
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -400,21 +444,83 @@ def summary_text(record: dict, train_path, val_path) -> str:
     return "\n".join(lines)
 
 
-def run_calibrate(cfg: CalibrateConfig) -> int:
-    from first_kd.store import open_store, set_temperature
+def fit_settings(cfg: CalibrateConfig, val) -> dict:
+    """What makes two fits the same fit: the request and the held-out data it is fitted on."""
+    return {"form": cfg.form, "objective": cfg.objective or DEFAULT_OBJECTIVE[cfg.form], "n_bins": cfg.n_bins,
+            "val data": (val.attrs.get("data") or {}).get("fingerprint")}
 
-    train = open_store(cfg.store)
-    val = open_store(cfg.val_store)
-    check_pair(train, val)
+
+def _settings_of(record: dict) -> dict:
+    return {"form": record.get("form"), "objective": record.get("objective"), "n_bins": record.get("n_bins"),
+            "val data": (record.get("fitted_on") or {}).get("fingerprint")}
+
+
+def recorded_fit(train, val, settings: dict) -> Optional[dict]:
+    """The fit both stores already hold with these settings (one `fit_id` in both, none half-written)."""
+    t_record, v_record = train.attrs.get("temperature") or {}, val.attrs.get("temperature") or {}
+    if train.attrs.get(PENDING_KEY) or not t_record.get("fit_id"):
+        return None
+    if t_record.get("fit_id") != v_record.get("fit_id") or _settings_of(t_record) != settings:
+        return None
+    return t_record
+
+
+def _pending_fit(train, settings: dict) -> Optional[dict]:
+    """The fit an interrupted run of these settings was writing, to finish it without refitting."""
+    pending = train.attrs.get(PENDING_KEY) or {}
+    return pending if pending.get("fit_id") and _settings_of(pending) == settings else None
+
+
+def _open_verified(path) -> "object":
+    """Open a store for calibration, every chunk read and checked: a damaged store is one line."""
+    from first_kd.store import DamagedStore, open_store, verify
+
+    store = open_store(path)
+    try:
+        verify(path)
+    except DamagedStore as e:
+        raise FirstKDError(_damaged(path, e)) from None
+    return store
+
+
+def new_record(cfg: CalibrateConfig, val) -> dict:
+    """Fit on the held-out store; the full record written to both stores."""
+    data = val.attrs.get("data") or {}
     record = fit_store(val, cfg.form, cfg.objective, cfg.n_bins)
-    record["fitted_on"] = {"path": str(cfg.val_store),
-                           "fingerprint": (val.attrs.get("data") or {}).get("fingerprint"),
-                           "source": (val.attrs.get("data") or {}).get("source"),
-                           "split": (val.attrs.get("data") or {}).get("split")}
+    record["fitted_on"] = {"path": str(cfg.val_store), "fingerprint": data.get("fingerprint"),
+                           "source": data.get("source"), "split": data.get("split")}
     record["fitted_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    # The training store last: it is the one `distill` reads, so it changes only once the fit is recorded.
-    set_temperature(cfg.val_store, record)
-    set_temperature(cfg.store, record)
+    record["fit_id"] = uuid.uuid4().hex[:16]
+    record["stores"] = {"train": str(cfg.store), "val": str(cfg.val_store)}
+    return record
+
+
+def run_calibrate(cfg: CalibrateConfig) -> int:
+    from first_kd.outputs import exclusive_lock, say_done
+    from first_kd.store import open_store, record_fit
+
+    for path in (cfg.store, cfg.val_store):  # missing, foreign, incomplete: refused before taking any lock
+        open_store(path)
+    with contextlib.ExitStack() as locks:
+        for path in sorted({str(Path(cfg.store).resolve()), str(Path(cfg.val_store).resolve())}):
+            locks.enter_context(exclusive_lock(Path(path), "calibrate"))
+        train, val = open_store(cfg.store), open_store(cfg.val_store)  # as they are now that we hold them
+        note = check_pair(train, val)
+        settings = fit_settings(cfg, val)
+        if not cfg.overwrite and recorded_fit(train, val, settings):
+            return say_done("calibrate", f"{cfg.store} (with {cfg.val_store})", "a temperature fit")
+        record = None if cfg.overwrite else _pending_fit(train, settings)
+        train, val = _open_verified(cfg.store), _open_verified(cfg.val_store)
+        if note:
+            print(f"first-kd calibrate: {note}", file=sys.stderr)
+        if record:
+            print(f"first-kd calibrate: finishing the interrupted calibration of {cfg.store} (fit "
+                  f"{record['fit_id']})", file=sys.stderr)
+        else:
+            record = new_record(cfg, val)
+        for path in (cfg.store, cfg.val_store):
+            clear_partials(path)  # left by zarr attribute writes of older first-kd versions, if killed
+        # The training store is marked first and completed last: see first_kd.store.record_fit.
+        record_fit(cfg.store, cfg.val_store, record)
     print(summary_text(record, cfg.store, cfg.val_store))
     return 0
-

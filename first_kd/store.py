@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 from functools import lru_cache
@@ -40,6 +41,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from first_kd.config import option
 from first_kd.errors import FirstKDError
+from first_kd.outputs import crash_point
 
 FORMAT_NAME = "first-kd-topk"
 FORMAT_VERSION = 1
@@ -271,14 +273,110 @@ def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs
     group["units_done"][unit] = 1
 
 
+def update_attrs(path, changes: dict, remove: tuple = ()) -> None:
+    """Change a store's group attributes with one atomic replace of its `zarr.json`.
+
+    zarr's own attribute write stages `zarr.<uuid>.partial` inside the store; a kill at the wrong moment
+    leaves that file behind and every later open warns about it. Here the new metadata is written and
+    flushed beside the store (`.NAME.zarr.json.tmp` in its parent) and renamed over `zarr.json`, so the
+    store holds either the old attributes or the new ones, and never a stray file.
+    """
+    path = Path(path)
+    meta_path = path / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    attrs = meta.setdefault("attributes", {})
+    attrs.update(changes)
+    for key in remove:
+        attrs.pop(key, None)
+    tmp = path.parent / f".{path.name}.zarr.json.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        crash_point("attrs-before-replace")
+        os.replace(tmp, meta_path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write() names no file: name the store
+            e.filename = str(path)
+        raise
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clear_partials(path) -> int:
+    """Remove zarr's `*.partial` staging files left in a store by a killed write; returns how many.
+
+    Only for a writer holding the store's lock: a live writer's staging files look the same."""
+    removed = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _group_path(group: zarr.Group) -> Optional[Path]:
+    root = getattr(group.store, "root", None)
+    return Path(root) / group.path if root is not None else None
+
+
 def mark_complete(group: zarr.Group, extra: dict) -> None:
-    group.attrs.update(dict(extra, stage="complete", complete=True))
+    changes = dict(extra, stage="complete", complete=True)
+    path = _group_path(group)
+    if path is None:  # not a local directory: zarr's own write
+        group.attrs.update(changes)
+    else:
+        update_attrs(path, changes)
 
 
 def set_temperature(path, record: dict) -> None:
-    """Replace the store's temperature record (calibration writes here; the arrays are untouched)."""
-    group = zarr.open_group(str(path), mode="r+")
-    group.attrs["temperature"] = dict(record)
+    """Replace one store's temperature record (the arrays are untouched). `first-kd calibrate` writes a
+    pair of stores with `record_fit`, which keeps them consistent."""
+    update_attrs(path, {"temperature": dict(record)})
+
+
+# A fit is written to two stores, which no filesystem can change at once. `record_fit` first marks the
+# training store `temperature_pending` (the fit it is about to hold), then writes the held-out store, then
+# the training store's record, clearing the mark in the same replace. A kill or a full disk in between
+# leaves the mark, which readers of the temperature refuse (naming the fix) and a re-run of the same
+# `first-kd calibrate` finishes; so the two stores never silently disagree.
+PENDING_KEY = "temperature_pending"
+
+
+def record_fit(train_path, val_path, record: dict) -> None:
+    """Write the fit `record` (which carries its `fit_id`) into both stores of a calibration."""
+    update_attrs(train_path, {PENDING_KEY: dict(record)})
+    crash_point("calibrate-pending")
+    set_temperature(val_path, record)
+    crash_point("calibrate-val-written")
+    update_attrs(train_path, {"temperature": dict(record)}, remove=(PENDING_KEY,))
+
+
+def pending_fit_problem(path, attrs: dict) -> str:
+    """The one-line problem of a store whose calibration was interrupted between its two writes, or ''."""
+    pending = attrs.get(PENDING_KEY)
+    if not pending:
+        return ""
+    stores = pending.get("stores") or {}
+    val = stores.get("val") or (pending.get("fitted_on") or {}).get("path") or "VAL_STORE"
+    return (f"store {path} holds a half-written calibration (`first-kd calibrate` stopped between writing "
+            f"{val} and this store, fit {pending.get('fit_id')}), so its temperature is unknown: re-run "
+            f"`first-kd calibrate --store {stores.get('train') or path} --val-store {val}` to finish it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +427,10 @@ class TopKStore:
 
     @property
     def temperature(self) -> dict:
+        """The recorded temperature ({} = none); FirstKDError when a calibration was interrupted half-way."""
+        problem = pending_fit_problem(self.path, self.attrs)
+        if problem:
+            raise FirstKDError(problem)
         return dict(self.attrs.get("temperature") or {})
 
     @property
@@ -511,7 +613,8 @@ def verify(path) -> dict:
         "bytes_per_position_total": disk / max(n_pos, 1),
         "mean_topk_mass": float(masses.mean()) if complete and n_pos else None,
         "topk_mass_p10": float(np.percentile(masses, 10)) if complete and n_pos else None,
-        "temperature": store.temperature,
+        "temperature": dict(attrs.get("temperature") or {}),
+        "temperature_pending": pending_fit_problem(path, attrs) or None,
         "teacher": attrs.get("teacher"),
         "data": attrs.get("data"),
         "max_length": attrs.get("max_length"),
@@ -534,6 +637,10 @@ def _human(summary: dict) -> str:
     t = summary["temperature"]
     temp = f"{t['form']} {t['value']:.4g} (ECE {t.get('ece_before', float('nan')):.4f} -> " \
            f"{t.get('ece_after', float('nan')):.4f})" if t else "none (run first-kd calibrate)"
+    if t.get("fit_id"):
+        temp += f", fit {t['fit_id']}"
+    if summary.get("temperature_pending"):
+        temp = "HALF-WRITTEN (an interrupted `first-kd calibrate`: re-run it to finish)"
     teacher = summary.get("teacher") or {}
     lines = [
         f"store      {summary['path']}",
@@ -563,5 +670,8 @@ def run_inspect(cfg: InspectConfig) -> int:
     print(json.dumps(summary) if cfg.json else _human(summary))
     if not summary["complete"]:
         print(f"first-kd inspect: store {cfg.store} is incomplete: {_resume_hint(cfg.store)}", file=sys.stderr)
+        return 1
+    if summary["temperature_pending"]:
+        print(f"first-kd inspect: {summary['temperature_pending']}", file=sys.stderr)
         return 1
     return 0

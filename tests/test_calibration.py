@@ -3,7 +3,17 @@ stores built from arrays (no model), checking what it writes, where, and what it
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -32,7 +42,7 @@ def overconfident_teacher(n, vocab, k, t_true=T_TRUE, scale=1.5, seed=0):
 
 
 def make_store(path, ids, logprobs, targets, *, per_seq=50, fmt="prompt-response", fingerprint="held-out",
-               teacher="fake-teacher", tokenizer_sha="0" * 64, vocab=None):
+               teacher="fake-teacher", tokenizer_sha="0" * 64, vocab=None, weights=None):
     """A complete store whose positions hold the given top-k rows, with target tokens `targets`.
 
     Sequence s is [0] + its `per_seq` targets with target_start 1, so position j predicts targets[j]."""
@@ -46,7 +56,7 @@ def make_store(path, ids, logprobs, targets, *, per_seq=50, fmt="prompt-response
              "data": {"format": fmt, "fingerprint": fingerprint, "source": f"{fingerprint}.jsonl", "split": "x",
                       "choice_token_ids": [1, 2, 3, 4] if fmt == "mcqa" else [],
                       "choice_labels": list("ABCD") if fmt == "mcqa" else []},
-             "max_length": per_seq + 1, "teacher": {"name": teacher, "revision": None}}
+             "max_length": per_seq + 1, "teacher": {"name": teacher, "revision": None, "weights": weights}}
     group = S.create_store(path, datasets.Dataset.from_list(rows), plan, attrs, vocab)
     for unit in range(plan.n_units):
         lo, hi = S.unit_rows(group, unit)
@@ -66,8 +76,9 @@ def pair(tmp_path, full_vocab):
     """(train store, held-out store): same teacher and tokenizer, different data."""
     ids, lp, y = full_vocab
     train_ids, train_lp, train_y = overconfident_teacher(500, vocab=8, k=8, seed=1)
-    train = make_store(tmp_path / "train.zarr", train_ids, train_lp, train_y, fingerprint="train")
-    val = make_store(tmp_path / "val.zarr", ids, lp, y, fingerprint="held-out")
+    weights = {"method": "safetensors-sampled-v1", "sha256": "f" * 64}
+    train = make_store(tmp_path / "train.zarr", train_ids, train_lp, train_y, fingerprint="train", weights=weights)
+    val = make_store(tmp_path / "val.zarr", ids, lp, y, fingerprint="held-out", weights=weights)
     return train, val
 
 
@@ -262,3 +273,209 @@ def test_summary_flags_a_fit_at_the_edge_of_its_range_and_a_worse_ece():
     record.update(value=0.62, ece_after=0.05)
     text = C.summary_text(record, "train.zarr", "val.zarr")
     assert "c = 0.62" in text and "note" not in text and len(text.splitlines()) <= 8
+
+
+# ----------------------------------------------------------------------------------------------
+# the command under faults: re-runs, kills, damage, full disks, read-only directories
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, env=None, limit_bytes=None):
+    """`python -m first_kd.cli ARGS` in a subprocess; `limit_bytes` caps the size of any file it writes
+    (RLIMIT_FSIZE: Python ignores SIGXFSZ, so a write past it fails with EFBIG, as on a full disk)."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, env=dict(os.environ, **(env or {})),
+                          capture_output=True, text=True, preexec_fn=cap if limit_bytes else None)
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.strip() and "%|" not in line]
+
+
+def attrs_bytes(*stores) -> list[bytes]:
+    return [(Path(s) / "zarr.json").read_bytes() for s in stores]
+
+
+def stray_files(*stores) -> list[str]:
+    """Files a killed or failed write could leave in or beside a store (zarr's *.partial, our *.tmp)."""
+    found = []
+    for s in stores:
+        s = Path(s)
+        found += [str(p) for p in s.rglob("*.partial")] + [str(p) for p in s.parent.glob(f".{s.name}*.tmp")]
+    return found
+
+
+@contextlib.contextmanager
+def read_only_dir(path: Path):
+    """Make `path` a directory nothing can be created in or renamed into. Root (CI runs tests as root)
+    ignores permission bits, so there the directory is made immutable (chattr +i); where neither works
+    the test is skipped."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root on a filesystem without chattr +i: cannot make a read-only directory")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def calibrate_args(train, val, *extra):
+    return ["calibrate", "--store", str(train), "--val-store", str(val), *extra]
+
+
+def test_same_calibration_twice_is_a_no_op(pair, capsys):
+    train, val = pair
+    assert main(calibrate_args(train, val, "--form", "logit")) == 0
+    before = attrs_bytes(train, val)
+    capsys.readouterr()
+    assert main(calibrate_args(train, val, "--form", "logit")) == 0
+    assert "nothing to do" in _error_line(capsys)
+    assert attrs_bytes(train, val) == before  # neither store was written
+    # other settings are a new fit, recorded in both stores under one new fit id
+    assert main(calibrate_args(train, val, "--form", "logit", "--n-bins", "15")) == 0
+    t, v = S.open_store(train).temperature, S.open_store(val).temperature
+    assert t == v and t["n_bins"] == 15 and t["fit_id"] != json.loads(before[0])["attributes"]["temperature"]["fit_id"]
+
+
+def test_kill_between_the_two_writes_is_detected_and_repaired(pair, tmp_path):
+    train, val = pair
+    killed = run_cli(calibrate_args(train, val), env={"FIRST_KD_CRASH_AT": "calibrate-val-written"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    fit = S.open_store(val).temperature  # the held-out store holds the new fit, the training store not yet
+    assert fit["fit_id"] and not zarr_attrs(train)["temperature"]
+    # every reader of the training store's temperature names the problem and the fix
+    for read in (lambda: S.open_store(train).temperature, lambda: S.open_store(train).get(0)):
+        with pytest.raises(FirstKDError, match=r"half-written calibration.*re-run `first-kd calibrate"):
+            read()
+    inspect = run_cli(["inspect", str(train)])
+    assert inspect.returncode == 1 and "half-written calibration" in error_lines(inspect.stderr)[-1]
+    evaluate = run_cli(["evaluate", "--store", str(train), "--out", str(tmp_path / "eval")])
+    assert evaluate.returncode == 2 and "half-written calibration" in error_lines(evaluate.stderr)[-1]
+    assert stray_files(train, val) == []
+    # the same command finishes the interrupted fit: both stores hold it, nothing is refitted
+    repaired = run_cli(calibrate_args(train, val))
+    assert repaired.returncode == 0 and "finishing the interrupted calibration" in repaired.stderr
+    assert S.open_store(train).temperature == S.open_store(val).temperature == fit
+    assert run_cli(["inspect", str(train)]).returncode == 0
+
+
+def zarr_attrs(store) -> dict:
+    return json.loads((Path(store) / "zarr.json").read_text())["attributes"]
+
+
+@pytest.mark.parametrize("crash_at", ["attrs-before-replace", "calibrate-pending"])
+def test_kill_inside_a_write_leaves_no_stray_file_and_the_rerun_finishes(pair, crash_at):
+    train, val = pair
+    assert run_cli(calibrate_args(train, val), env={"FIRST_KD_CRASH_AT": crash_at}).returncode == -9
+    assert not any(p.name.endswith(".partial") for s in (train, val) for p in Path(s).rglob("*"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns about any foreign file in a store
+        S.open_store(train), S.open_store(val)
+    assert run_cli(calibrate_args(train, val)).returncode == 0
+    assert S.open_store(train).temperature["fit_id"] == S.open_store(val).temperature["fit_id"]
+    assert stray_files(train, val) == []  # a staging file beside a store is replaced by the next write
+
+
+def _truncate_a_chunk(store, array="topk_logprobs"):
+    chunk = sorted(p for p in (Path(store) / array / "c").rglob("*") if p.is_file())[0]
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged", ["val", "train"])
+def test_damaged_store_is_one_line_and_nothing_is_written(pair, capsys, damaged):
+    train, val = pair
+    _truncate_a_chunk(val if damaged == "val" else train)
+    before = attrs_bytes(train, val)
+    assert main(calibrate_args(train, val)) == 2
+    line = _error_line(capsys)
+    assert "damaged" in line and str(val if damaged == "val" else train) in line and "--overwrite" in line
+    assert attrs_bytes(train, val) == before
+
+
+def test_n_bins_is_bounded(pair, capsys):
+    train, val = pair
+    started = time.perf_counter()
+    assert main(calibrate_args(train, val, "--n-bins", "100000000")) == 2
+    assert "--n-bins" in _error_line(capsys) and time.perf_counter() - started < 5
+    assert zarr_attrs(train)["temperature"] == {}
+
+
+def test_teacher_weights_decide_not_names(tmp_path, capsys):
+    ids, lp, y = overconfident_teacher(300, vocab=8, k=8, seed=2)
+    weights = {"method": "safetensors-sampled-v1", "sha256": "a" * 64}
+    train = make_store(tmp_path / "t.zarr", ids[:100], lp[:100], y[:100], fingerprint="t", teacher="teacher",
+                       weights=weights)
+    other = make_store(tmp_path / "o.zarr", ids[100:], lp[100:], y[100:], fingerprint="v", teacher="teacher",
+                       weights=dict(weights, sha256="b" * 64))
+    assert main(calibrate_args(train, other)) == 2
+    assert "different weights" in _error_line(capsys)
+    # the same weights loaded under another name are the same teacher
+    same = make_store(tmp_path / "s.zarr", ids[100:], lp[100:], y[100:], fingerprint="v",
+                      teacher="/abs/path/to/teacher", weights=weights)
+    assert main(calibrate_args(train, same)) == 0
+    assert "note" not in capsys.readouterr().err
+    # a store from before weights were recorded: the name decides, and the output says so
+    old = make_store(tmp_path / "old.zarr", ids[100:], lp[100:], y[100:], fingerprint="w", teacher="teacher")
+    assert main(calibrate_args(train, old)) == 0
+    assert "matched by name" in capsys.readouterr().err
+
+
+def test_full_disk_is_one_line_and_both_stores_stay_as_they_were(pair):
+    train, val = pair
+    assert main(calibrate_args(train, val)) == 0  # a finished fit, which the failed re-fit must not lose
+    before = attrs_bytes(train, val)
+    result = run_cli(calibrate_args(train, val, "--form", "logit"), limit_bytes=1024)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and "EFBIG" in lines[0] and str(train) in lines[0]
+    assert attrs_bytes(train, val) == before and stray_files(train, val) == []
+    assert S.open_store(train).temperature["form"] == "prob"
+
+
+def test_disk_full_between_the_two_writes_keeps_the_pair_from_silently_disagreeing(pair, capsys, monkeypatch):
+    train, val = pair
+
+    def no_space(path, record):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S, "set_temperature", no_space)
+    assert main(calibrate_args(train, val)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "ENOSPC" in err.splitlines()[-1]
+    with pytest.raises(FirstKDError, match="half-written"):
+        S.open_store(train).temperature
+    monkeypatch.undo()
+    assert main(calibrate_args(train, val)) == 0
+    assert S.open_store(train).temperature == S.open_store(val).temperature
+
+
+def test_read_only_directory_is_one_line_and_nothing_is_written(pair):
+    train, val = pair
+    before = attrs_bytes(train, val)
+    with contextlib.ExitStack() as stack:
+        for path in (train, val, Path(train).parent):  # the stores and the directory that holds them
+            stack.enter_context(read_only_dir(Path(path)))
+        result = run_cli(calibrate_args(train, val))
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and str(Path(train).parent) in lines[0]
+    assert attrs_bytes(train, val) == before
+
+
+def test_a_second_calibrate_on_the_same_store_is_refused_while_one_runs(pair, capsys):
+    from first_kd.outputs import exclusive_lock
+
+    train, val = pair
+    with exclusive_lock(Path(train).resolve(), "calibrate"):
+        assert main(calibrate_args(train, val)) == 2
+    assert "another `first-kd calibrate`" in _error_line(capsys)
+    assert zarr_attrs(train)["temperature"] == {}
