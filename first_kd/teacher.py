@@ -5,15 +5,21 @@ every num_processes-th pending unit, runs the teacher on the sequences that own 
 writes the rows; a killed pass re-run with the same command redoes only units not marked done. Because
 a unit's batches depend only on the unit, never on the process count or on what ran before, a resumed
 or multi-process pass is array-equal to a single uninterrupted one.
+
+The main process holds a lock on --out for the whole pass, so a rival pass stops at once; the same
+command on a finished store is a no-op that never loads the teacher (see `pass_identity`), and the store
+records a cheap fingerprint of the teacher's weights (`weights_fingerprint`) so that `calibrate` can tell
+teachers apart by what they are, not by the path they were loaded from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-import os
-import signal
+import json
+import struct
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -30,6 +36,7 @@ from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
 from first_kd.models import head_logits, last_hidden_states, load_model, load_tokenizer, resolve_dtype
+from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff
 
 
 @dataclasses.dataclass
@@ -57,13 +64,6 @@ class CacheConfig(DataConfig):
             raise FirstKDError(f"--k must be >= 1, got {self.k}")
         if self.batch_size < 1 or self.chunk_positions < 1:
             raise FirstKDError("--batch-size and --chunk-positions must be >= 1")
-
-
-def _crash_point(name: str) -> None:
-    """Testing hook: FIRST_KD_CRASH_AT=name makes the process SIGKILL itself here, so tests can kill a
-    pass at exact points (after planning, between a unit's rows and its done-marker, ...)."""
-    if os.environ.get("FIRST_KD_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head_chunk: int = 4096):
@@ -102,57 +102,198 @@ def data_fingerprint(tokenized) -> str:
     return h.hexdigest()
 
 
-def _plan_attrs(cfg: CacheConfig, tokenizer, model_config, dtype, info: dict, fingerprint: str) -> dict:
+# ----------------------------------------------------------------------------------------------
+# Fingerprint of the teacher's weights
+# ----------------------------------------------------------------------------------------------
+
+WEIGHTS_METHOD = "safetensors-sampled-v1"
+_SAMPLE_BYTES = 4096
+_SAMPLES_PER_TENSOR = 4
+
+
+def weight_files(teacher: str, revision: Optional[str] = None) -> list[Path]:
+    """The teacher's safetensors files, found without a network: a local directory, or the hub cache.
+    [] when there are none (a .bin-only teacher, or a hub teacher not downloaded yet)."""
+    local = Path(teacher)
+
+    def find(name: str) -> Optional[Path]:
+        if local.is_dir():
+            return local / name if (local / name).is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(teacher, name, revision=revision)
+        except Exception:  # not a hub id at all
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [find(name) for name in names]
+        return files if files and all(files) else []
+    single = find("model.safetensors")
+    return [single] if single is not None else []
+
+
+def _sample_starts(size: int) -> list[int]:
+    """Offsets of the byte windows read from a tensor of `size` bytes: evenly spread, both ends included."""
+    if size <= _SAMPLE_BYTES:
+        return [0]
+    last = size - _SAMPLE_BYTES
+    return sorted({round(j * last / (_SAMPLES_PER_TENSOR - 1)) for j in range(_SAMPLES_PER_TENSOR)})
+
+
+def weights_fingerprint(teacher: str, revision: Optional[str] = None) -> Optional[dict]:
+    """A cheap fingerprint of the teacher's weights, or None when it has no safetensors files in reach.
+
+    sha256 over every tensor, by name: its name, dtype, shape and byte size (from the safetensors
+    headers) and 4 windows of 4 KiB of its stored bytes (start, end and two between). It reads about
+    16 KiB per tensor, about 12 MB for a 70B model, whatever the weights' dtype at load time; it does not
+    depend on how the tensors are split into shard files. A fine-tune changes every element of the
+    matrices it trains, so two teachers with different weights differ here.
+    """
+    files = weight_files(teacher, revision)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    try:
+        tensors = {}
+        for path in files:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            tensors.update({name: (path, 8 + n, info) for name, info in header.items() if name != "__metadata__"})
+        handles = {}
+        try:
+            for name in sorted(tensors):
+                path, base, info = tensors[name]
+                lo, hi = info["data_offsets"]
+                h.update(json.dumps([name, info["dtype"], info["shape"], hi - lo]).encode())
+                if path not in handles:
+                    handles[path] = open(path, "rb")
+                f = handles[path]
+                for start in _sample_starts(hi - lo):
+                    f.seek(base + lo + start)
+                    h.update(f.read(min(_SAMPLE_BYTES, hi - lo - start)))
+        finally:
+            for f in handles.values():
+                f.close()
+    except (ValueError, KeyError, TypeError, struct.error):  # not a safetensors file: loading will say so
+        return None
+    return {"method": WEIGHTS_METHOD, "sha256": h.hexdigest(), "n_tensors": len(tensors)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning, and what makes two passes the same pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _plan_attrs(cfg: CacheConfig, tokenizer, dtype, info: dict, fingerprint: str, weights: Optional[dict]) -> dict:
     return {
         "teacher": {"name": cfg.teacher, "revision": cfg.revision, "dtype": str(dtype).replace("torch.", ""),
-                    "model_type": getattr(model_config, "model_type", None)},
+                    "model_type": None, "weights": weights},
         "tokenizer": topk_store.tokenizer_fingerprint(tokenizer),
         "data": {"source": cfg.data, "split": cfg.split, "format": info["format"], "fingerprint": fingerprint,
                  "n_truncated": info.get("n_truncated", 0), "choice_token_ids": info.get("choice_token_ids", []),
                  "choice_labels": info.get("choice_labels", []), "template": cfg.template,
                  "chat_template": cfg.chat_template, "trace_levels": info.get("trace_levels")},
         "max_length": cfg.max_length,
+        "k": cfg.k,
+        "chunk_positions": cfg.chunk_positions,
         "created_by": f"first-kd {__version__}",
     }
 
 
-# Settings that must be identical for a resume to continue an earlier pass.
-_RESUME_KEYS = (("teacher", "name"), ("teacher", "revision"), ("teacher", "dtype"), ("tokenizer", "sha256"),
-                ("data", "fingerprint"), ("max_length",), ("k",), ("chunk_positions",))
+def _short(digest: Optional[str]) -> Optional[str]:
+    return digest[:16] if isinstance(digest, str) else digest
 
 
-def _mismatch(old: dict, new: dict) -> Optional[str]:
-    for key in _RESUME_KEYS:
-        a, b = old, new
-        for part in key:
-            a = a.get(part) if isinstance(a, dict) else None
-            b = b.get(part) if isinstance(b, dict) else None
-        if a != b:
-            return f"{'.'.join(key)} was {a!r}, now {b!r}"
-    return None
+def pass_identity(attrs: dict) -> dict:
+    """The settings that make two passes the same pass (a resume continues one; a re-run of a finished one
+    is a no-op), flattened from store attributes. Batch size and process count are not among them: they
+    never change the arrays."""
+    teacher = attrs.get("teacher") or {}
+    return {"teacher": teacher.get("name"), "revision": teacher.get("revision"), "dtype": teacher.get("dtype"),
+            "weights": _short((teacher.get("weights") or {}).get("sha256")),
+            "tokenizer": _short((attrs.get("tokenizer") or {}).get("sha256")),
+            "data": _short((attrs.get("data") or {}).get("fingerprint")),
+            "max_length": attrs.get("max_length"), "k": attrs.get("k"), "chunk_positions": attrs.get("chunk_positions")}
 
 
-def _plan(cfg: CacheConfig, tokenizer, model_config, dtype, vocab_size: int) -> None:
-    """Tokenize and write the store's planning arrays, or check an unfinished store can be resumed."""
+def pass_differences(old_attrs: dict, new_attrs: dict) -> str:
+    """'' when two passes are the same pass, else the differences (`key: old -> new`).
+
+    The weights' fingerprint decides who the teacher is when both sides have one (then the name it was
+    loaded by does not matter); otherwise the name and revision do."""
+    old, new = pass_identity(old_attrs), pass_identity(new_attrs)
+    keys = list(new)
+    drop = ("teacher", "revision") if old["weights"] and new["weights"] else ("weights",)
+    return settings_diff(old, new, [key for key in keys if key not in drop])
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out holding someone else's files, before anything is read."""
+    if overwrite or not out.exists() or topk_store.is_store(out):
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    raise FirstKDError(f"{out} exists and is not a first-kd store: choose another --out")
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What the main process knows before loading the teacher: the tokenized data and the planned settings."""
+
+    tokenized: object
+    info: dict
+    attrs: dict
+
+
+def _prepare(cfg: CacheConfig, tokenizer, dtype) -> Optional[_Inputs]:
+    """Check --out, tokenize and fingerprint the data and the weights (main process, lock held).
+
+    None when --out already holds a complete store of this very pass: the re-run is a no-op and the
+    teacher is never loaded. Tokenizing is needed to know that (the data file may have changed); it
+    costs little next to the teacher pass."""
     out = Path(cfg.out)
+    _check_out(out, cfg.overwrite)
     tokenized, info = prepare_dataset(cfg, tokenizer)
+    attrs = _plan_attrs(cfg, tokenizer, dtype, info, data_fingerprint(tokenized),
+                        weights_fingerprint(cfg.teacher, cfg.revision))
+    if not cfg.overwrite and topk_store.is_store(out):
+        old = dict(zarr.open_group(str(out), mode="r").attrs)
+        if old.get("complete"):
+            diff = pass_differences(old, attrs)
+            if diff:
+                raise FirstKDError(f"store {out} is already complete, made with other settings ({diff}): pass "
+                                   "--overwrite to replace it (or choose another --out)")
+            return None
     if info.get("n_truncated"):
         print(f"first-kd cache: note: {info['n_truncated']} record(s) had their target cut to fit "
               f"--max-length {cfg.max_length} (raise it to keep them whole)")
-    fingerprint = data_fingerprint(tokenized)
-    attrs = _plan_attrs(cfg, tokenizer, model_config, dtype, info, fingerprint)
-    attrs.update(k=cfg.k, chunk_positions=cfg.chunk_positions)
+    return _Inputs(tokenized, info, attrs)
+
+
+def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> None:
+    """Write the store's planning arrays, or check that an unfinished store can be resumed."""
+    out = Path(cfg.out)
+    attrs = inputs.attrs
+    attrs["teacher"]["model_type"] = getattr(model_config, "model_type", None)
+    if attrs["teacher"]["weights"] is None:  # a hub teacher downloaded by loading it: its files are in reach now
+        attrs["teacher"]["weights"] = weights_fingerprint(cfg.teacher, cfg.revision)
     if out.exists() and not cfg.overwrite and topk_store.is_store(out):
         old = dict(zarr.open_group(str(out), mode="r").attrs)
         if old.get("stage") == "planned":
-            why = _mismatch(old, attrs)
-            if why:
-                raise FirstKDError(f"store {out} holds an unfinished pass with other settings ({why}): "
+            diff = pass_differences(old, attrs)
+            if diff:
+                raise FirstKDError(f"store {out} holds an unfinished pass with other settings ({diff}): "
                                    "re-run with the original settings to resume, or pass --overwrite")
+            topk_store.clear_partials(out)  # staging files of writes cut by the kill
             print(f"first-kd cache: resuming unfinished store {out}")
             return
         # planning itself was interrupted: nothing of value was written, start over
-    topk_store.remove_store(out)
+    tokenized = inputs.tokenized
     # Counted from the Arrow columns: never the token lists as Python objects.
     lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy().astype(np.int64)
     n_positions = int((lengths - tokenized.data.column("target_start").to_numpy().astype(np.int64)).sum())
@@ -160,6 +301,7 @@ def _plan(cfg: CacheConfig, tokenizer, model_config, dtype, vocab_size: int) -> 
                            k=cfg.k, chunk_positions=cfg.chunk_positions)
     if cfg.k > vocab_size:
         raise FirstKDError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab_size})")
+    topk_store.remove_store(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     topk_store.create_store(out, tokenized, plan, attrs, vocab_size)
 
@@ -180,17 +322,29 @@ def _unit_batches(group, unit: int, seq_offsets, pos_offsets, batch_size: int):
         yield order[b: b + batch_size]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out holding a finished store or someone else's files, before loading the teacher."""
-    if overwrite or not out.exists():
-        return
-    if not topk_store.is_store(out):
-        if out.is_dir() and not any(out.iterdir()):
-            return
-        raise FirstKDError(f"{out} exists and is not a first-kd store: choose another --out")
-    if zarr.open_group(str(out), mode="r").attrs.get("complete"):
-        raise FirstKDError(f"store {out} is already complete: pass --overwrite to replace it "
-                           "(or choose another --out)")
+def _main_then_share(state, fn):
+    """Run `fn` on the main process only. Every process stops with its error, and learns whether it
+    returned None (then the others get None too, else True)."""
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except (FirstKDError, OSError) as e:
+            if state.num_processes == 1:
+                raise
+            error = e
+    if state.num_processes == 1:
+        return result
+    import torch.distributed as dist
+
+    message = str(error) if error else None  # the main process reports an OSError itself, in full
+    payload = [message, result is None]
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[0]:
+        raise FirstKDError(payload[0])
+    return result if state.is_main_process else (None if payload[1] else True)
 
 
 def run_cache(cfg: CacheConfig) -> int:
@@ -198,39 +352,50 @@ def run_cache(cfg: CacheConfig) -> int:
 
     # cpu=True lets a CPU-only launch of several processes use gloo instead of looking for GPUs.
     state = PartialState(cpu=not torch.cuda.is_available())
-    device = state.device
-    _check_out(Path(cfg.out), cfg.overwrite)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, state.device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
-    model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    with contextlib.ExitStack() as held:
+        # Only the main process of a launch takes the lock (its other processes are its helpers, not
+        # rivals) and plans; the others wait and then read the plan from the store, so every process
+        # sees the same sequences.
+        def lock_and_prepare():
+            held.enter_context(exclusive_lock(Path(cfg.out), "cache"))
+            return _prepare(cfg, tokenizer, dtype)
 
-    # Only the main process plans; the others wait and then read the plan from the store, so every
-    # process sees the same sequences.
-    error = None
-    if state.is_main_process:
+        inputs = _main_then_share(state, lock_and_prepare)
+        if inputs is None:
+            return say_done("cache", cfg.out, "a complete top-k store") if state.is_main_process else 0
+        model = load_model(cfg.teacher, dtype, state.device, cfg.revision, cfg.trust_remote_code)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
         try:
-            _plan(cfg, tokenizer, model.config, dtype, vocab_size)
-        except FirstKDError as e:
-            error = e
-    if state.num_processes > 1:
-        error = _broadcast_error(error)
-    if error:
-        raise error
-    _crash_point("planned")
+            _main_then_share(state, lambda: _plan(cfg, inputs, model.config, vocab_size))
+            crash_point("planned")
+            group = zarr.open_group(cfg.out, mode="r+")
+            _run_units(cfg, state, model, tokenizer.pad_token_id, group)
+            _finish(cfg, state, group)
+        except OSError as e:  # a full disk: zarr's failed chunk writes name no file, so name the store
+            if not e.filename:
+                e.filename = str(cfg.out)
+            raise
+    return 0
 
-    group = zarr.open_group(cfg.out, mode="r+")
+
+def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
+    """This process's share of the pending units: teacher top-k at their rows, written unit by unit."""
+    device = state.device
     seq_offsets = group["seq_offsets"][:]
     pos_offsets = group["pos_offsets"][:]
     input_ids_arr = group["input_ids"]
     target_positions_arr = group["target_positions"]
     pending = topk_store.pending_units(group)
+    if state.num_processes > 1:
+        # Every process must split the same list: none may mark a unit done before all have read it.
+        state.wait_for_everyone()
     mine = pending[state.process_index:: state.num_processes]
     total_rows = sum(np.subtract(*topk_store.unit_rows(group, u)[::-1]) for u in mine)
     bar = tqdm(total=int(total_rows), unit="pos", desc=f"teacher top-{cfg.k}", disable=not state.is_local_main_process,
                dynamic_ncols=True)
     tokens_seen, started = 0, time.perf_counter()
-    pad_id = tokenizer.pad_token_id
     with torch.inference_mode():
         for unit in mine:
             lo, hi = topk_store.unit_rows(group, unit)
@@ -260,15 +425,18 @@ def run_cache(cfg: CacheConfig) -> int:
                 tokens_seen += int(mask.sum())
                 bar.update(len(where))
                 bar.set_postfix(tok_s=f"{tokens_seen / (time.perf_counter() - started):,.0f}")
-            _crash_point(f"unit-computed:{unit}")
-            topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=_crash_point)
-            _crash_point(f"unit-done:{unit}")
+            crash_point(f"unit-computed:{unit}")
+            topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
+            crash_point(f"unit-done:{unit}")
     bar.close()
 
+
+def _finish(cfg: CacheConfig, state, group) -> None:
+    """Mark the store complete once every unit of every process is on disk, and verify it."""
     if state.num_processes > 1:
         state.wait_for_everyone()
     if state.is_main_process:
-        _crash_point("before-complete")
+        crash_point("before-complete")
         still = topk_store.pending_units(group)
         if still:
             raise FirstKDError(f"{len(still)} unit(s) of {cfg.out} were not written (a process failed?): re-run "
@@ -281,7 +449,6 @@ def run_cache(cfg: CacheConfig) -> int:
               f"mean top-{cfg.k} mass {summary['mean_topk_mass']:.4f}")
     if state.num_processes > 1:
         state.wait_for_everyone()
-    return 0
 
 
 def _max_token_id(group) -> int:
@@ -293,12 +460,3 @@ def _max_token_id(group) -> int:
         for lo in range(0, arr.shape[0], step):
             top = max(top, int(arr[lo: lo + step].max()))
     return top
-
-
-def _broadcast_error(error: Optional[FirstKDError]) -> Optional[FirstKDError]:
-    """Share the main process's planning error (if any) so every process stops with the same message."""
-    import torch.distributed as dist
-
-    payload = [str(error) if error else None]
-    dist.broadcast_object_list(payload, src=0)
-    return FirstKDError(payload[0]) if payload[0] else None

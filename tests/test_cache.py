@@ -8,6 +8,7 @@ left behind).
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_unfinished_store_with_other_settings_is_refused(tmp_path, teacher_dir, 
     args = ["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out)]
     assert run_cli(args, env={"FIRST_KD_CRASH_AT": "planned"}).returncode == -9
     other = run_cli(args + ["--k", "3"])
-    assert other.returncode == 2 and "other settings" in other.stderr and "k was 5, now 3" in other.stderr
+    assert other.returncode == 2 and "other settings" in other.stderr and "k: 5 -> 3" in other.stderr
 
 
 def test_yaml_config_with_flag_override(tmp_path, teacher_dir, data_files):
@@ -228,3 +229,129 @@ def test_real_csqa_layout_with_gpt2_tokenizer(tmp_path, shared_data):
     assert store.attrs["data"]["choice_labels"][:5] == list("ABCDE")
     # uint16 ids for a 50,257-token vocabulary
     assert zarr.open_group(str(out))["topk_ids"].dtype == np.uint16
+
+
+# ----------------------------------------------------------------------------------------------
+# re-runs, rival passes, the teacher's identity, full disks and read-only directories
+
+
+def test_same_command_on_a_complete_store_is_a_no_op(tmp_path, teacher_dir, data_files, capsys, monkeypatch):
+    import first_kd.teacher as teacher_module
+
+    out = tmp_path / "s.zarr"
+    assert cache(teacher_dir, data_files["pr"], out, "--chunk-positions", "64") == 0
+    before = read_arrays(out), (out / "zarr.json").read_bytes()
+    capsys.readouterr()
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded for a no-op")
+
+    monkeypatch.setattr(teacher_module, "load_model", no_teacher)
+    # batch size does not change the arrays, so it is not a setting that makes another pass
+    assert cache(teacher_dir, data_files["pr"], out, "--chunk-positions", "64", "--batch-size", "2") == 0
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "Traceback" not in err
+    assert (out / "zarr.json").read_bytes() == before[1]
+    # other settings on the finished store: refused, naming what differs and the way out
+    assert cache(teacher_dir, data_files["pr"], out, "--chunk-positions", "64", "--k", "3") == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "k: 5 -> 3" in line and "--overwrite" in line
+    after = read_arrays(out)
+    for name in before[0]:
+        np.testing.assert_array_equal(before[0][name], after[name])
+
+
+def test_a_second_pass_on_the_same_out_is_refused_while_one_runs(tmp_path, teacher_dir, data_files, capsys):
+    from first_kd.outputs import exclusive_lock
+
+    out = tmp_path / "s.zarr"
+    with exclusive_lock(out, "cache"):  # what a running `first-kd cache --out s.zarr` holds
+        assert cache(teacher_dir, data_files["pr"], out) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "another `first-kd cache`" in line and str(out) in line
+    assert not out.exists()
+
+
+def _copy_teacher(src, dst, change=None, **save):
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(src, dst)
+    model = AutoModelForCausalLM.from_pretrained(dst)
+    if change:
+        with torch.no_grad():
+            model.get_parameter(change).add_(0.01)
+    for f in Path(dst).glob("model*.safetensors*"):
+        f.unlink()
+    model.save_pretrained(dst, **save)
+    return Path(dst)
+
+
+def test_weights_fingerprint_sees_weights_not_files(tmp_path, teacher_dir):
+    from first_kd.teacher import weights_fingerprint
+
+    base = weights_fingerprint(teacher_dir)
+    assert base and base["method"] == "safetensors-sampled-v1"
+    sharded = _copy_teacher(teacher_dir, tmp_path / "sharded", max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert weights_fingerprint(sharded)["sha256"] == base["sha256"]  # same weights in other shard files
+    tuned = _copy_teacher(teacher_dir, tmp_path / "tuned", change="model.layers.1.mlp.down_proj.weight")
+    assert weights_fingerprint(tuned)["sha256"] != base["sha256"]  # one matrix of a middle layer changed
+    assert weights_fingerprint(str(tmp_path / "nothing-here")) is None
+
+
+def test_calibrate_refuses_stores_of_other_weights_under_the_same_name(tmp_path, teacher_dir, data_files,
+                                                                       monkeypatch, capsys):
+    """Two stores cached from `--teacher teacher` in two directories holding different weights."""
+    _copy_teacher(teacher_dir, tmp_path / "a" / "teacher")
+    _copy_teacher(teacher_dir, tmp_path / "b" / "teacher", change="model.layers.0.self_attn.q_proj.weight")
+    val_data = write_jsonl(tmp_path / "val.jsonl", mcqa_records(12, seed=7))
+    monkeypatch.chdir(tmp_path / "a")
+    assert cache("teacher", data_files["mcqa"], tmp_path / "train.zarr") == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert cache("teacher", val_data, tmp_path / "val_b.zarr") == 0
+    capsys.readouterr()
+    args = ["calibrate", "--store", str(tmp_path / "train.zarr")]
+    assert main(args + ["--val-store", str(tmp_path / "val_b.zarr")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert len(line.splitlines()) == 1 and "different weights" in line
+    assert open_store(tmp_path / "train.zarr").temperature == {}
+    # the same weights, reached by another path, are the same teacher
+    monkeypatch.chdir(tmp_path)
+    assert cache(str(tmp_path / "a" / "teacher"), val_data, tmp_path / "val_a.zarr") == 0
+    assert main(args + ["--val-store", str(tmp_path / "val_a.zarr")]) == 0
+
+
+def test_full_disk_is_one_line_naming_the_store_and_the_rerun_finishes(tmp_path, teacher_dir, data_files,
+                                                                       reference_store):
+    import resource
+
+    out = tmp_path / "s.zarr"
+    args = ["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out),
+            "--chunk-positions", "64", "--batch-size", "3"]
+    assert run_cli(args, env={"FIRST_KD_CRASH_AT": "planned"}).returncode == -9
+    # No file may grow past the planned store's metadata: marking the store complete at the latest fails.
+    limit = (out / "zarr.json").stat().st_size + 1
+    full = subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    lines = [line for line in full.stderr.splitlines() if line.startswith("first-kd")]
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    assert len(lines) == 1 and "EFBIG" in lines[0] and str(out) in lines[0]
+    with pytest.raises(FirstKDError, match="incomplete"):  # nothing half-written looks complete
+        open_store(out)
+    assert not [p for p in out.rglob("*.partial")] and not list(tmp_path.glob(".*.tmp"))
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_stores_equal(out, reference_store)
+
+
+def test_read_only_output_directory_is_one_line(tmp_path, teacher_dir, data_files):
+    from test_calibration import read_only_dir
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    with read_only_dir(parent):
+        result = run_cli(["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]),
+                          "--out", str(parent / "s.zarr")])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) == 1
+    assert str(parent) in lines[0] and not (parent / "s.zarr").exists()
