@@ -456,11 +456,15 @@ def _settings_of(record: dict) -> dict:
 
 
 def recorded_fit(train, val, settings: dict) -> Optional[dict]:
-    """The fit both stores already hold with these settings (one `fit_id` in both, none half-written)."""
+    """The fit both stores already hold with these settings, none half-written; else None.
+
+    The held-out store may hold a later fit of another store against it (a test store calibrated on
+    the same held-out data): with the same settings on the same data it is the same value, so that counts."""
     t_record, v_record = train.attrs.get("temperature") or {}, val.attrs.get("temperature") or {}
-    if train.attrs.get(PENDING_KEY) or not t_record.get("fit_id"):
+    if train.attrs.get(PENDING_KEY) or not t_record.get("fit_id") or _settings_of(t_record) != settings:
         return None
-    if t_record.get("fit_id") != v_record.get("fit_id") or _settings_of(t_record) != settings:
+    if t_record["fit_id"] != v_record.get("fit_id") and (
+            _settings_of(v_record) != settings or v_record.get("value") != t_record.get("value")):
         return None
     return t_record
 

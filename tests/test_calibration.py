@@ -348,6 +348,27 @@ def test_same_calibration_twice_is_a_no_op(pair, capsys):
     assert t == v and t["n_bins"] == 15 and t["fit_id"] != json.loads(before[0])["attributes"]["temperature"]["fit_id"]
 
 
+def test_same_calibration_is_a_no_op_when_the_held_out_store_is_shared(pair, tmp_path, capsys):
+    """The README's pipeline calibrates the training and the test store against one held-out store."""
+    train, val = pair
+    ids, lp, y = overconfident_teacher(200, vocab=8, k=8, seed=11)
+    test = make_store(tmp_path / "test.zarr", ids, lp, y, fingerprint="test",
+                      weights={"method": "safetensors-sampled-v1", "sha256": "f" * 64})
+    assert main(calibrate_args(train, val)) == 0
+    assert main(calibrate_args(test, val)) == 0  # the held-out store now holds the test store's fit
+    before = attrs_bytes(train, val, test)
+    capsys.readouterr()
+    for store in (train, test):
+        assert main(calibrate_args(store, val)) == 0
+        assert "nothing to do" in _error_line(capsys)
+    assert attrs_bytes(train, val, test) == before
+    # a fit with other settings against the shared store makes the training store's fit a new one again
+    assert main(calibrate_args(test, val, "--form", "logit")) == 0
+    assert main(calibrate_args(train, val)) == 0
+    assert "nothing to do" not in capsys.readouterr().err
+    assert S.open_store(train).temperature == S.open_store(val).temperature
+
+
 def test_kill_between_the_two_writes_is_detected_and_repaired(pair, tmp_path):
     train, val = pair
     killed = run_cli(calibrate_args(train, val), env={"FIRST_KD_CRASH_AT": "calibrate-val-written"})
