@@ -770,9 +770,11 @@ def run_distill(cfg: DistillConfig) -> int:
     work = staging_dir_for(out) if cfg.overwrite and holds_run(out) else out
     try:
         return _train(cfg, out, work)
-    except BaseException:
+    except BaseException as e:
         if work != out:
             shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the run
+            raise OSError(e.errno, e.strerror or str(e), str(work)) from None
         raise
 
 
