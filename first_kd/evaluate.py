@@ -61,7 +61,7 @@ from first_kd.config import option, to_dict
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
 from first_kd.models import head_logits, last_hidden_states
-from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir
+from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir, writable_parent
 from first_kd.rationale import RationaleConfig
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
@@ -648,6 +648,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
     """Measure, then write into a staged directory that replaces --out only when complete; the same
     command on a finished evaluation is a no-op, other settings are refused (see the module docstring)."""
     out = Path(cfg.out)
+    writable_parent(out)  # before anything loads: a read-only or blocked --out costs nothing
     with exclusive_lock(out.resolve(), "evaluate"):  # resolved: an --out of "." has a name and a parent
         store = None
         if cfg.store:

@@ -41,7 +41,7 @@ from urllib.parse import quote
 from first_kd.config import option
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
-from first_kd.outputs import exclusive_lock, fsync_dir, say_done
+from first_kd.outputs import exclusive_lock, fsync_dir, say_done, writable_parent
 
 PANELS_PER_FIGURE = 6
 # (metrics key, column title, "max" when higher is better, "min" when lower is, decimals)
@@ -395,6 +395,7 @@ def default_name(metrics_file: Path) -> str:
 
 def run_report(cfg: ReportConfig) -> int:
     out = Path(cfg.out)
+    writable_parent(out)
     with exclusive_lock(out.resolve(), "report"):  # resolved: an --out of "." has a name and a parent
         origin = made_from([load_run(p)[0] for p in cfg.runs], cfg.labels or None, cfg.title)
         if not cfg.overwrite and finished_report(out, origin) is not None:

@@ -65,7 +65,8 @@ from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
-from first_kd.outputs import STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff
+from first_kd.outputs import (STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff,
+                              writable_parent)
 from first_kd.evaluate import options_from_logits
 from first_kd.losses import chunked_distillation_loss, distillation_loss
 from first_kd.models import last_hidden_states
@@ -764,6 +765,7 @@ def run_distill(cfg: DistillConfig) -> int:
     on a directory holding a run, the new run is built beside it and replaces it only once finished (see
     the module docstring); a failure removes the partial new run and leaves the old one as it was."""
     out = Path(cfg.out)
+    writable_parent(out)  # before the student loads: a read-only or blocked --out costs nothing
     check_run_dir(out, cfg)
     if not cfg.overwrite and (out / "summary.json").is_file():
         return _finished_already(out, cfg)

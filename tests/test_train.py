@@ -591,9 +591,10 @@ def test_full_disk_while_checkpointing_is_one_line_and_loses_nothing(world, tmp_
 
 
 @pytest.mark.slow
-def test_unwritable_run_directory_is_one_line(world, tmp_path, capsys):
+def test_unwritable_run_directory_is_one_line(world, tmp_path, capsys, monkeypatch):
     from first_kd.cli import main
 
+    monkeypatch.setattr(train_mod, "load_student", lambda *a, **k: pytest.fail("loaded the student first"))
     out = unwritable(tmp_path)
     parent_is_file = tmp_path / "file"
     parent_is_file.write_text("")
