@@ -304,7 +304,7 @@ def _damaged(path, why: str) -> str:
 def same_teacher(train, val) -> str:
     """Refuse stores cached from different teachers; returns a note when that could only be judged by name.
 
-    Stores record a fingerprint of the teacher's weights (`teacher.weights`, see first_kd.teacher): when
+    Stores record a fingerprint of the teacher's weights (`teacher.weights`, see first_kd.commands.cache): when
     both have one, it decides, whatever path or name the teacher was loaded by. Stores without one (cached
     by an older first-kd, or a teacher without safetensors files) fall back to the name and revision.
     """

@@ -16,23 +16,23 @@ from first_kd.errors import FirstKDError
 
 # name -> (module, config class, run function, one-line description)
 COMMANDS = {
-    "cache": ("first_kd.teacher", "CacheConfig", "run_cache",
+    "cache": ("first_kd.commands.cache", "CacheConfig", "run_cache",
               "run the teacher once and cache its top-k log-probs in a zarr store"),
     "inspect": ("first_kd.store", "InspectConfig", "run_inspect",
                 "verify a store and summarise it (--json for machines)"),
     "calibrate": ("first_kd.calibration", "CalibrateConfig", "run_calibrate",
                   "fit the teacher temperature on a held-out store and record it"),
-    "generate": ("first_kd.generate", "GenerateConfig", "run_generate",
+    "generate": ("first_kd.commands.generate", "GenerateConfig", "run_generate",
                  "have the teacher write rationales (sampled, resumable) and extract their answers"),
-    "filter": ("first_kd.filters", "FilterConfig", "run_filter",
+    "filter": ("first_kd.commands.filter", "FilterConfig", "run_filter",
                "keep generated rationales by correctness (Fine-tune-CoT) or self-consistency (System-2)"),
-    "distill": ("first_kd.train", "DistillConfig", "run_distill",
+    "distill": ("first_kd.commands.distill", "DistillConfig", "run_distill",
                 "train a student: FIRST / KD from a store, or plain fine-tuning (ce)"),
-    "evaluate": ("first_kd.evaluate", "EvaluateConfig", "run_evaluate",
+    "evaluate": ("first_kd.commands.evaluate", "EvaluateConfig", "run_evaluate",
                  "accuracy and calibration of a model or a teacher store on a dataset"),
-    "report": ("first_kd.report", "ReportConfig", "run_report",
+    "report": ("first_kd.commands.report", "ReportConfig", "run_report",
                "collect evaluation runs into report.md / report.json with reliability figures"),
-    "demo": ("first_kd.demo", "DemoConfig", "run_demo",
+    "demo": ("first_kd.demo.calibration", "DemoConfig", "run_demo",
              "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written rationales"),
 }
 

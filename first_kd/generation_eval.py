@@ -3,17 +3,17 @@ calibration.
 
 Per question and mode the model decodes greedily from
   * slow / fast: the prompt ids followed by the ids of `marker + step_separator` ([slow] or [fast] and a
-    newline by default), tokenized on their own exactly as `first_kd.traces.marker_prefix_ids` makes them
+    newline by default), tokenized on their own exactly as `first_kd.data.traces.marker_prefix_ids` makes them
     for training (first_kd.data with --trace-levels), so the forced start is token for token what the
     model learnt to continue;
   * auto: the prompt ids only: a model trained on both markers picks one (its completion's first text
     tells which: `completion_mode`), a model trained without markers just answers.
-The prompt ids are the question prompt (first_kd.rationale.load_questions: it ends with the reasoning
+The prompt ids are the question prompt (first_kd.data.rationale.load_questions: it ends with the reasoning
 cue) tokenized WITH the tokenizer's special tokens, as data.py tokenizes training prompts.
 
 What is scored
 --------------
-answer      the rationale extractor's last match in the completion (first_kd.rationale.find_answer),
+answer      the rationale extractor's last match in the completion (first_kd.data.rationale.find_answer),
             normalised; correct = it equals the gold answer.
 confidence  the model's probability of that answer given its own completion: exp of the summed
             log-probs of the generated tokens that spell it (the tokens whose decoded text overlaps
@@ -37,7 +37,7 @@ completion_ids, or null)}: enough to recompute any confidence with a plain forwa
 Outputs in --out: predictions.jsonl (one line per question and mode), reliability-MODE.png per mode,
 reliability.png (all modes side by side) and metrics.json, written last: its top level is the first
 mode's metrics in the schema of the other evaluations (so `first-kd report` reads it), plus
-"modes": {mode: metrics}. `first_kd.evaluate.run_evaluate` writes them as it writes every evaluation:
+"modes": {mode: metrics}. `first_kd.commands.evaluate.run_evaluate` writes them as it writes every evaluation:
 staged beside --out and swapped in when complete, the same command a no-op, other settings refused.
 """
 
@@ -79,7 +79,7 @@ def answer_token_span(token_ends: Sequence[int], start: int, end: int) -> Option
     Args:
         token_ends: [T] non-decreasing; token_ends[j] = number of characters decoded from tokens 0..j
             (so token j covers characters [token_ends[j-1], token_ends[j]); token 0 starts at 0).
-        start, end: character span of the answer (first_kd.rationale.find_answer), start < end.
+        start, end: character span of the answer (first_kd.data.rationale.find_answer), start < end.
     Returns:
         (first, last) token indices, or None when no token reaches the span (it lies beyond the text).
     A token that completes no character (the leading bytes of a multi-byte character, or a skipped
@@ -222,7 +222,7 @@ def span_logprobs(model, sequences: list[list[int]], spans: list[tuple[int, int]
 def mode_inputs(prompt_ids: list[list[int]], mode: str, tokenizer, slow_marker: str, fast_marker: str,
                 separator: str) -> tuple[list[list[int]], list[int]]:
     """(model inputs, forced ids): the prompt ids + the marker prefix ids of a forced mode; auto forces nothing."""
-    from first_kd.traces import marker_prefix_ids
+    from first_kd.data.traces import marker_prefix_ids
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -237,10 +237,10 @@ def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor
                         progress: bool = True) -> tuple[dict, list[dict]]:
     """Generate and score every question in every mode (see the module docstring).
 
-    questions: first_kd.rationale.Question list, each with a gold answer.
+    questions: first_kd.data.rationale.Question list, each with a gold answer.
     Returns ({mode: metrics}, prediction lines: mode by mode, questions in data order within a mode).
     """
-    from first_kd.rationale import compile_extractor, find_answer
+    from first_kd.data.rationale import compile_extractor, find_answer
 
     pattern = compile_extractor(extractor)
     missing = [q.id for q in questions if q.gold is None]
@@ -284,15 +284,15 @@ def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor
 
 
 def generate_and_score(cfg) -> tuple[dict, list[dict]]:
-    """The measuring part of `first-kd evaluate --modes` (cfg: first_kd.evaluate.EvaluateConfig): load the
+    """The measuring part of `first-kd evaluate --modes` (cfg: first_kd.commands.evaluate.EvaluateConfig): load the
     model, the tokenizer and the questions, generate and score every mode. Returns (the metrics.json body
     without the label: the first mode's metrics at the top level, every mode's under "modes"; the
-    prediction lines). `first_kd.evaluate.run_evaluate` labels and writes them."""
+    prediction lines). `first_kd.commands.evaluate.run_evaluate` labels and writes them."""
     from accelerate import PartialState
 
     from first_kd.data import _unescape, load_records
     from first_kd.models import load_model, load_tokenizer, resolve_dtype
-    from first_kd.rationale import load_questions
+    from first_kd.data.rationale import load_questions
 
     device = PartialState(cpu=not torch.cuda.is_available()).device
     dtype = resolve_dtype(cfg.dtype, device)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 
+from first_kd.config import option
 from first_kd.errors import FirstKDError
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How a model is fetched: the options every command that loads a model shares (cache, distill,
+    evaluate, generate), so they mean the same everywhere."""
+
+    revision: Optional[str] = option(None, help="model revision (branch, tag or commit) when loading from a hub")
+    trust_remote_code: bool = option(False, help="allow model code from the hub (only for models you trust)")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

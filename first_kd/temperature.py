@@ -73,3 +73,11 @@ def distribution_from_record(
     if not record:
         return teacher_distribution(topk_logprobs, None, 1.0, other_bucket)
     return teacher_distribution(topk_logprobs, record["form"], float(record["value"]), other_bucket)
+
+
+def describe(record: Optional[dict]) -> str:
+    """The one way a temperature record is named to people: "raw" (none), "prob c=0.4", "logit T=1.37"."""
+    if not record:
+        return "raw"
+    symbol = "c" if record.get("form") == "prob" else "T"
+    return f"{record.get('form')} {symbol}={float(record.get('value')):.4g}"

@@ -236,7 +236,7 @@ def test_real_csqa_layout_with_gpt2_tokenizer(tmp_path, shared_data):
 
 
 def test_same_command_on_a_complete_store_is_a_no_op(tmp_path, teacher_dir, data_files, capsys, monkeypatch):
-    import first_kd.teacher as teacher_module
+    import first_kd.commands.cache as teacher_module
 
     out = tmp_path / "s.zarr"
     assert cache(teacher_dir, data_files["pr"], out, "--chunk-positions", "64") == 0
@@ -287,7 +287,7 @@ def _copy_teacher(src, dst, change=None, **save):
 
 
 def test_weights_fingerprint_sees_weights_not_files(tmp_path, teacher_dir):
-    from first_kd.teacher import weights_fingerprint
+    from first_kd.commands.cache import weights_fingerprint
 
     base = weights_fingerprint(teacher_dir)
     assert base and base["method"] == "safetensors-sampled-v1"

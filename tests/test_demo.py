@@ -29,9 +29,9 @@ import torch
 import yaml
 
 import first_kd.cli as cli
-from first_kd import demo
+from first_kd.demo import calibration as demo
 from first_kd.config import build, read_yaml
-from first_kd.demo import DemoConfig
+from first_kd.demo.calibration import DemoConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.y*ml"))

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import first_kd.cli as cli
-from first_kd import demo_reasoning as reasoning
+from first_kd.demo import reasoning as reasoning
 from first_kd.config import build
-from first_kd.demo import DemoConfig
+from first_kd.demo.calibration import DemoConfig
 from first_kd.errors import FirstKDError
 
 
@@ -59,7 +59,7 @@ def test_traces_spell_the_sum(digits):
 
 
 def test_splits_are_disjoint_deterministic_and_extractable():
-    from first_kd.rationale import extract_answer
+    from first_kd.data.rationale import extract_answer
 
     sizes = {"teacher": 60, "train": 30, "val": 20, "test": 25}
     splits = reasoning.make_splits(3, 2, sizes)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import build_letter_sure_model
-from first_kd import evaluate as E
+from first_kd import scoring as S
+from first_kd.commands import evaluate as E
 from first_kd import metrics as M
 from first_kd.cli import main
 from first_kd.data import DataConfig, prepare_dataset
@@ -76,7 +77,7 @@ def test_options_from_topk_zeroes_absent_options_and_renormalises():
     probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]])
     choice_ids = torch.tensor([10, 11, 12, 13])  # letters A B C D
     n_choices = torch.tensor([4, 3, 2])
-    got = E.options_from_topk(topk_ids, probs, choice_ids, n_choices)
+    got = S.options_from_topk(topk_ids, probs, choice_ids, n_choices)
     np.testing.assert_allclose(got[0].numpy(), [0.0, 0.6, 0.4, 0.0], rtol=1e-6)  # A, D not in the top-k
     np.testing.assert_allclose(got[1].numpy(), [1 / 3, 1 / 3, 1 / 3, 0.0], rtol=1e-6)  # none: uniform over 3
     # item 3 has 2 options (A, B): C's probability 0.4 is not an option of it
@@ -85,7 +86,7 @@ def test_options_from_topk_zeroes_absent_options_and_renormalises():
 
 def test_options_from_logits_masks_missing_options():
     logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 30.0]])
-    got = E.options_from_logits(logits, torch.tensor([3, 2]))
+    got = S.options_from_logits(logits, torch.tensor([3, 2]))
     np.testing.assert_allclose(got[0].numpy(), torch.softmax(logits[0], 0).numpy(), rtol=1e-6)
     np.testing.assert_allclose(got[1].numpy(), [*torch.softmax(logits[1, :2], 0).numpy(), 0.0], rtol=1e-6)
 

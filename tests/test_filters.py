@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from first_kd import filters
+from first_kd.commands import filter as filters
 from first_kd.cli import main
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
-from first_kd.filters import (choose_diverse, finetune_cot, jaccard_distance, majority, self_consistency,
+from first_kd.commands.filter import (choose_diverse, finetune_cot, jaccard_distance, majority, self_consistency,
                               strip_cue, to_training_records)
-from first_kd.rationale import with_cue
+from first_kd.data.rationale import with_cue
 
 CUE = "Let's think step by step."
 

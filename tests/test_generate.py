@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from conftest import LETTERS, build_letter_sure_model
-from first_kd import generate as G
+from first_kd.commands import generate as G
 from first_kd.cli import main
 from first_kd.config import build
 from first_kd.errors import FirstKDError
-from first_kd.rationale import RationaleConfig, load_questions
+from first_kd.data.rationale import RationaleConfig, load_questions
 from test_cache import mcqa_records, pr_records, run_cli, write_jsonl
 
 LETTER = r"\b(?P<answer>[A-E])\b"  # the letter-sure teacher writes bare option letters

@@ -15,8 +15,8 @@ import torch
 from first_kd import generation_eval as G
 from first_kd.cli import main
 from first_kd.data import DataConfig, encode_prompts, tokenize_records
-from first_kd.rationale import find_answer
-from first_kd.traces import marker_prefix_ids
+from first_kd.data.rationale import find_answer
+from first_kd.data.traces import marker_prefix_ids
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = "one two three four five".split()

@@ -1,4 +1,4 @@
-"""first_kd.rationale: answer extractors on real-looking rationales, answer normalisation, and question
+"""first_kd.data.rationale: answer extractors on real-looking rationales, answer normalisation, and question
 prompts (with their reasoning cue and gold answer) for every data layout."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 
 from first_kd.config import build
 from first_kd.errors import FirstKDError
-from first_kd.rationale import (EXTRACTORS, RationaleConfig, compile_extractor, extract_answer, find_answer,
+from first_kd.data.rationale import (EXTRACTORS, RationaleConfig, compile_extractor, extract_answer, find_answer,
                                 load_questions, mcqa_prompt, normalize_answer, with_cue)
 
 GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

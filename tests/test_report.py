@@ -14,7 +14,7 @@ import pytest
 
 from conftest import build_letter_sure_model
 from first_kd import metrics as M
-from first_kd import report as R
+from first_kd.commands import report as R
 from first_kd.cli import main
 from first_kd.store import open_store
 
@@ -168,14 +168,14 @@ def test_cache_calibrate_evaluate_report(tmp_path, tiny_tokenizer):
     assert main(["report", f"{tmp_path / 'raw'},{tmp_path / 'cal'}", "--out", str(tmp_path / "report")]) == 0
 
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    raw, cal = report["models"]["val teacher raw"], report["models"][f"val teacher prob c={record['value']:.3g}"]
+    raw, cal = report["models"]["val teacher raw"], report["models"][f"val teacher prob c={record['value']:.4g}"]
     assert raw["temperature"] is None and cal["temperature"] == record
     assert list(report["temperature"].values()) == [record]
     # same teacher, same argmax: the temperature only moves confidences, and here it lowers ECE
     assert cal["accuracy"] == raw["accuracy"]
     assert cal["mean_confidence"] < raw["mean_confidence"] and cal["ece"] < raw["ece"]
     md = (tmp_path / "report" / "report.md").read_text()
-    assert re.search(rf"\| val teacher raw \| store \| none \| [*]*{raw['accuracy']:.4f}", md)
+    assert re.search(rf"\| val teacher raw \| store \| raw \| [*]*{raw['accuracy']:.4f}", md)
     assert f"{record['ece_before']:.4f} → {record['ece_after']:.4f}" in md
     assert (tmp_path / "report" / "reliability.png").read_bytes()[:8] == PNG_MAGIC
 

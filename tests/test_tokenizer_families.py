@@ -161,7 +161,7 @@ def test_letters_that_are_not_one_token_after_the_prompt_are_one_line_errors(tmp
 
 def test_demo_tokenizer_keeps_its_choice_ids():
     """The demo's byte-level tokenizer: the default finds exactly the ids ' A'.. ' E' had (the demo's numbers)."""
-    from first_kd import demo
+    from first_kd.demo import calibration as demo
     from first_kd.tiny import train_tokenizer
 
     _, splits = demo.make_splits(0, 20, {"train": (300, 0.25), "test": (200, 0.25)})

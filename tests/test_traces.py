@@ -1,4 +1,4 @@
-"""first_kd.traces (Dualformer trace variants) and their expansion in first_kd.data.tokenize_records: the
+"""first_kd.data.traces (Dualformer trace variants) and their expansion in first_kd.data.tokenize_records: the
 exact text and ids of the contract, seeded and order-independent step dropping, and one-line errors."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from first_kd.config import build
 from first_kd.data import DataConfig, prepare_dataset, tokenize_records
 from first_kd.errors import FirstKDError
-from first_kd.traces import drop_steps, marker_prefix_ids, parse_levels, split_trace, trace_variants
+from first_kd.data.traces import drop_steps, marker_prefix_ids, parse_levels, split_trace, trace_variants
 
 
 def steps_response(n_steps: int, answer: str = "The answer is 7.") -> str:

@@ -29,9 +29,9 @@ import pytest
 import torch
 import yaml
 
-import first_kd.train as train_mod
+import first_kd.commands.distill as train_mod
 from first_kd.errors import FirstKDError
-from first_kd.train import DistillConfig, run_distill
+from first_kd.commands.distill import DistillConfig, run_distill
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "cat dog bird tree house river stone cloud apple water light paper music table green".split()
@@ -58,7 +58,7 @@ def one_thread():
 def world(tmp_path_factory, tiny_tokenizer):
     """Tiny student and teacher (same tokenizer), data files and teacher stores, built once."""
     from first_kd.store import set_temperature
-    from first_kd.teacher import CacheConfig, run_cache
+    from first_kd.commands.cache import CacheConfig, run_cache
     from first_kd.tiny import build_llama
 
     root = tmp_path_factory.mktemp("train")

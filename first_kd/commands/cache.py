@@ -32,25 +32,24 @@ from tqdm.auto import tqdm
 
 from first_kd import __version__
 from first_kd import store as topk_store
+from first_kd.batching import pad_right
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
-from first_kd.models import head_logits, last_hidden_states, load_model, load_tokenizer, resolve_dtype
+from first_kd.models import ModelOptions, head_logits, last_hidden_states, load_model, load_tokenizer, resolve_dtype
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff
 
 
 @dataclasses.dataclass
-class CacheConfig(DataConfig):
+class CacheConfig(ModelOptions, DataConfig):
     teacher: Optional[str] = option(None, help="teacher causal LM: hub id or local path")
     out: Optional[str] = option(None, help="store path to write (a directory, e.g. cache/csqa-train.zarr)")
-    revision: Optional[str] = option(None, help="teacher revision (branch, tag or commit) when loading from a hub")
     k: int = option(5, help="top-k ids kept per target position")
     batch_size: int = option(8, help="sequences per teacher forward")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="teacher weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     chunk_positions: int = option(16384, help="store rows per chunk; also the unit of resume and of work splitting")
     overwrite: bool = option(False, help="replace an existing store at --out")
-    trust_remote_code: bool = option(False, help="allow model code from the hub (only for teachers you trust)")
 
     def validate(self):
         super().validate()
@@ -403,13 +402,9 @@ def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
             unit_lp = np.zeros((hi - lo, cfg.k), dtype=np.float32)
             for batch in _unit_batches(group, unit, seq_offsets, pos_offsets, cfg.batch_size):
                 seqs = [input_ids_arr[seq_offsets[i]: seq_offsets[i + 1]].astype(np.int64) for i in batch]
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long)
+                ids, mask = pad_right(seqs, pad_id)
                 rows, cols, dest = [], [], []
-                for r, (i, s) in enumerate(zip(batch, seqs)):
-                    ids[r, : len(s)] = torch.from_numpy(s)
-                    mask[r, : len(s)] = 1
+                for r, i in enumerate(batch):
                     p0, p1 = int(pos_offsets[i]), int(pos_offsets[i + 1])
                     a, b = max(p0, lo), min(p1, hi)  # this unit's share of the sequence's rows
                     positions = target_positions_arr[a:b].astype(np.int64)

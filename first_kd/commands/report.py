@@ -42,6 +42,7 @@ from first_kd.config import option
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
 from first_kd.outputs import exclusive_lock, fsync_dir, say_done, writable_parent
+from first_kd.temperature import describe as describe_temperature
 
 PANELS_PER_FIGURE = 6
 # (metrics key, column title, "max" when higher is better, "min" when lower is, decimals)
@@ -174,13 +175,6 @@ def _best(runs: list[dict], key: str, sense: Optional[str]) -> Optional[float]:
     return max(values) if sense == "max" else min(values)
 
 
-def _temperature_text(record: Optional[dict]) -> str:
-    if not record:
-        return "none"
-    symbol = "c" if record.get("form") == "prob" else "T"
-    return f"{record.get('form')} {symbol}={float(record['value']):.4g}"
-
-
 def _columns(runs: list[dict]) -> tuple:
     return COLUMNS + ((TOKENS_COLUMN,) if any(TOKENS_COLUMN[0] in r for r in runs) else ())
 
@@ -192,7 +186,7 @@ def metrics_table(labels: list[str], runs: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] * 3 + ["---:"] * (len(columns) + 1)) + "|"]
     best = {key: _best(runs, key, sense) for key, _, sense, _ in columns}
     for label, run in zip(labels, runs):
-        cells = [_cell(label), _cell(run.get("source", "?")), _cell(_temperature_text(run.get("temperature")))]
+        cells = [_cell(label), _cell(run.get("source", "?")), _cell(describe_temperature(run.get("temperature")))]
         for key, _, sense, decimals in columns:
             text = _number(run.get(key), decimals)
             if key == "nll" and run.get("nll_scope") not in (None, "all") and text != "n/a":

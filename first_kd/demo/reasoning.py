@@ -47,7 +47,7 @@ The story, every step a public command (DIR/commands.sh)
                     [slow] and the answer alone opened by [fast]; levels between 0 and 1 add traces with
                     steps dropped, also opened by [slow]. CE, not the teacher's top-k: the teacher never
                     saw a dropped step, so after a skip its top-k predicts the skipped step, not the
-                    variant's next one (first_kd/traces.py).
+                    variant's next one (first_kd/data/traces.py).
                     The default levels are 0,1. On this task every step carries a digit and a carry, so
                     a student that learnt to skip steps skips them in slow mode too and loses accuracy.
                     Measured with seed 0: levels 0,0.5,1 gave slow-mode accuracy 0.81 after 800 steps and
@@ -66,11 +66,11 @@ import json
 import random
 from pathlib import Path
 
-from first_kd import demo
+from first_kd.demo import calibration as demo
 from first_kd.config import to_dict
 from first_kd.errors import FirstKDError
-from first_kd.rationale import with_cue
-from first_kd.traces import parse_levels
+from first_kd.data.rationale import with_cue
+from first_kd.data.traces import parse_levels
 
 CUE = "Let's think step by step."
 QA_TEMPLATE = "Question: {question}\nAnswer:"
@@ -328,7 +328,7 @@ def demo_markdown(report: dict) -> str:
     lines = [
         "## The reasoning demo", "",
         f"Task: {cfg['digits']}-digit addition with carries; the teacher writes one line per digit and ends with "
-        f"'#### answer'. See first_kd/demo_reasoning.py for why the trace helps.", "",
+        f"'#### answer'. See first_kd/demo/reasoning.py for why the trace helps.", "",
         "| model | mode | accuracy | ECE | mean conf. | mean tokens | no answer |",
         "|:---|:---|---:|---:|---:|---:|---:|",
     ]

@@ -89,7 +89,7 @@ class DataConfig:
     trace_levels: Optional[str] = option(
         None, help="materialise each response as seeded variants, one per drop level, e.g. '0,0.5,1': 0 = the "
                    "full trace, 0.5 = half its steps dropped, 1 = no trace (answer only); the last step is the "
-                   "answer and is always kept (see first_kd/traces.py)")
+                   "answer and is always kept (see first_kd/data/traces.py)")
     trace_seed: int = option(0, help="seed of which steps each variant drops")
     step_separator: str = option("\n", help="what separates the steps of a response (a typed \\n is a newline)")
     slow_marker: str = option("[slow]", help="control marker opening a response that shows (part of) its trace")
@@ -107,7 +107,7 @@ class DataConfig:
 
 def _trace_levels(cfg: DataConfig) -> Optional[list[float]]:
     """The drop levels of --trace-levels (None when unset); a bad list is a one-line FirstKDError."""
-    from first_kd.traces import parse_levels
+    from first_kd.data.traces import parse_levels
 
     if cfg.trace_levels is None:
         return None
@@ -598,7 +598,7 @@ def _response_rows(rec: _Record, prompt: str, response: str, cfg: DataConfig, la
     whose response is the text after `marker + separator` (the marker's ids are added apart)."""
     if levels is None:
         return [_Row(rec, rec.id, prompt, response, -1, 0, None)]
-    from first_kd.traces import marker_for, trace_variants
+    from first_kd.data.traces import marker_for, trace_variants
 
     separator = _unescape(cfg.step_separator)
     try:
@@ -649,7 +649,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
     """Turn raw records into model inputs with an exact prompt/target boundary.
 
     With `cfg.trace_levels` set (prompt-response data only), each record becomes one row per level: its
-    Dualformer variants (first_kd.traces), ids f"{id}#full", f"{id}#drop50", f"{id}#fast" ..., the prompt
+    Dualformer variants (first_kd.data.traces), ids f"{id}#full", f"{id}#drop50", f"{id}#fast" ..., the prompt
     unchanged. A variant's target ids are the ids of `marker + separator` followed by the ids of the rest,
     each tokenized on its own: exactly the ids `first-kd evaluate --modes slow,fast` forces after the
     prompt, which tokenizing the joined text would not guarantee (BPE merges across the seam).
@@ -686,7 +686,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
     levels = _trace_levels(cfg)
     marker_ids = {}
     if levels is not None:
-        from first_kd.traces import marker_prefix_ids
+        from first_kd.data.traces import marker_prefix_ids
 
         if fmt == "mcqa":
             raise FirstKDError("--trace-levels drops reasoning steps of prompt-response data, but this data is "

@@ -98,9 +98,9 @@ class DemoConfig:
     out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
                                            "runs, evaluations, report.md, report.json, commands.sh)")
     suite: Literal["calibration", "reasoning"] = option(
-        "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo.py); "
+        "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo/calibration.py); "
                             "reasoning: teacher-written rationales, self-consistency filtering and fast/slow "
-                            "trace dropping on multi-digit addition (first_kd/demo_reasoning.py)")
+                            "trace dropping on multi-digit addition (first_kd/demo/reasoning.py)")
     seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
     # --- the task -----------------------------------------------------------------------------------
     n_items: Optional[int] = _suite_option("n_items", "calibration: objects in the made-up world (their hidden "
@@ -109,7 +109,7 @@ class DemoConfig:
                                                 "wrong option (train, val, test)")
     teacher_eps: Optional[float] = _suite_option(
         "teacher_eps", "calibration: label noise of the teacher's own fine-tuning split; 0 = a teacher that knows "
-                       "the rule (a tiny teacher that memorises noisy labels loses the rule: see first_kd/demo.py)")
+                       "the rule (a tiny teacher that memorises noisy labels loses the rule: see first_kd/demo/calibration.py)")
     digits: Optional[int] = _suite_option("digits", "reasoning: digits of each addend")
     n_teacher: Optional[int] = _suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
                                                           "the students)")
@@ -199,7 +199,7 @@ class DemoConfig:
             if not ok:
                 raise FirstKDError(message)
         if r.suite == "reasoning":
-            from first_kd.traces import parse_levels
+            from first_kd.data.traces import parse_levels
 
             levels = parse_levels(r.trace_levels)
             if 0.0 not in levels or 1.0 not in levels:
@@ -411,7 +411,7 @@ def write_commands(path: Path, cfg: DemoConfig, steps: list[Step]) -> None:
         f"# The first-kd commands `first-kd demo --suite {cfg.suite} --out {cfg.out}` ran, in order. Run them "
         "from the directory",
         "# the demo was run in. The data (data/*.jsonl), the tokenizer and the untrained models (models/)",
-        "# were written by the demo itself (first_kd.demo, first_kd.tiny) before these commands.",
+        "# were written by the demo itself (first_kd.demo.calibration, first_kd.tiny) before these commands.",
         "# A finished step refuses to run again (cache) or says there is nothing to do (distill): add",
         "# --overwrite to redo one.",
         "set -euo pipefail",
@@ -545,7 +545,7 @@ def demo_markdown(report: dict) -> str:
         f"probability {cfg['eps']:g}, the teacher's own split with probability {cfg['teacher_eps']:g}. The "
         f"Bayes-optimal model answers with the rule and says {1 - cfg['eps']:.2f}: on these "
         f"{bayes['n']:,} test questions it scores accuracy {bayes['accuracy']:.4f}, ECE {bayes['ece']:.4f}, "
-        f"Brier {bayes['brier']:.4f}, NLL {bayes['nll']:.4f}. See first_kd/demo.py for why this is a fair test.",
+        f"Brier {bayes['brier']:.4f}, NLL {bayes['nll']:.4f}. See first_kd/demo/calibration.py for why this is a fair test.",
         "",
         "| Check | Value | Holds |", "|:---|---:|:---|",
         *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
@@ -661,7 +661,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     cfg = cfg.resolved()
     if cfg.suite == "reasoning":
-        from first_kd.demo_reasoning import run_reasoning_demo
+        from first_kd.demo.reasoning import run_reasoning_demo
 
         return run_reasoning_demo(cfg)
     lay = Layout(cfg.out)

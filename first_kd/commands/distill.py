@@ -67,9 +67,9 @@ from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
 from first_kd.outputs import (STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff,
                               writable_parent)
-from first_kd.evaluate import options_from_logits
+from first_kd.scoring import options_from_logits
 from first_kd.losses import chunked_distillation_loss, distillation_loss
-from first_kd.models import last_hidden_states
+from first_kd.models import ModelOptions, last_hidden_states
 from first_kd.temperature import distribution_from_record
 
 # Options that change how a run is observed or saved, not what it computes: a resumed run may change them.
@@ -82,7 +82,7 @@ RUN_ENTRIES = (".model.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "ten
 
 
 @dataclass(kw_only=True)
-class DistillConfig(DataConfig):
+class DistillConfig(ModelOptions, DataConfig):
     student: str = option(help="student model: a local directory or a hub id (AutoModelForCausalLM)")
     out: str = option(help="run directory: model/, checkpoints/, metrics.jsonl, config.yaml")
     loss: Literal["first", "kd", "ce"] = option(
@@ -608,8 +608,9 @@ def load_student(cfg: DistillConfig, device):
     """Student model (in train mode) and tokenizer, with the shared one-line load errors."""
     from first_kd.models import load_model, load_tokenizer, resolve_dtype
 
-    tokenizer = load_tokenizer(cfg.student)
-    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device)
+    tokenizer = load_tokenizer(cfg.student, cfg.revision, cfg.trust_remote_code)
+    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device, cfg.revision,
+                       cfg.trust_remote_code)
     if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         raise FirstKDError(f"{type(model).__name__} transforms its logits after the output head (soft-capping "
                            "or scaling), which the target-position loss does not reproduce: use another student")

@@ -49,9 +49,9 @@ from first_kd.config import option
 from first_kd.data import LETTERS, encode_prompts, load_records
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
-from first_kd.models import stop_token_ids
+from first_kd.models import ModelOptions, stop_token_ids
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff, writable_parent
-from first_kd.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
+from first_kd.data.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
 
 
@@ -59,7 +59,7 @@ MIN_TEMPERATURE = 0.01
 
 
 @dataclass
-class GenerateConfig(RationaleConfig):
+class GenerateConfig(ModelOptions, RationaleConfig):
     teacher: Optional[str] = option(None, help="teacher causal LM that writes the rationales: hub id or local path")
     out: Optional[str] = option(None, help="jsonl file to write, one line per sample (e.g. gen/train.jsonl)")
     samples: int = option(1, help="rationales sampled per question (several need --temperature > 0)")
@@ -78,8 +78,6 @@ class GenerateConfig(RationaleConfig):
                                           "own order (with --perturb)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="teacher weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
-    revision: Optional[str] = option(None, help="teacher revision (branch, tag or commit) when loading from a hub")
-    trust_remote_code: bool = option(False, help="allow model code from the hub (only for teachers you trust)")
     overwrite: bool = option(False, help="replace an existing --out (and any unfinished run of it)")
 
     def validate(self) -> None:

@@ -57,12 +57,15 @@ import torch
 from tqdm.auto import tqdm
 
 from first_kd import metrics
+from first_kd.batching import length_batches, pad_right
 from first_kd.config import option, to_dict
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
-from first_kd.models import head_logits, last_hidden_states
+from first_kd.models import ModelOptions, head_logits, last_hidden_states
+from first_kd.scoring import option_mask, options_from_logits, options_from_topk
 from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir, writable_parent
-from first_kd.rationale import RationaleConfig
+from first_kd.temperature import describe as describe_temperature
+from first_kd.data.rationale import RationaleConfig
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
 _HEAD_ELEMENTS = 1 << 25
@@ -76,7 +79,7 @@ MODES_ONLY = ("max_new_tokens", "cue", "extractor", "qa_template")
 
 
 @dataclasses.dataclass
-class EvaluateConfig(RationaleConfig):
+class EvaluateConfig(ModelOptions, RationaleConfig):
     model: Optional[str] = option(None, help="model to evaluate: hub id or local path (e.g. a distill run's OUT/model)")
     store: Optional[str] = option(
         None, help="evaluate a teacher from its cached top-k store instead of a model (no --model / --data)")
@@ -89,8 +92,6 @@ class EvaluateConfig(RationaleConfig):
     batch_size: int = option(16, help="sequences per forward pass")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="model weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
-    revision: Optional[str] = option(None, help="model revision (branch, tag or commit) when loading from a hub")
-    trust_remote_code: bool = option(False, help="allow model code from the hub (only for models you trust)")
     modes: List[str] = option(
         [], help="score answers the model writes itself, per mode (comma-separated): slow = forced [slow] "
                  "marker, fast = forced [fast] marker, auto = the model picks; needs --model and question data "
@@ -137,64 +138,10 @@ class EvaluateConfig(RationaleConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def option_mask(n_choices: torch.Tensor, n_options: int) -> torch.Tensor:
-    """[B, C] bool, True for the options an item has (the first n_choices[b] letters)."""
-    return torch.arange(n_options, device=n_choices.device)[None, :] < n_choices[:, None]
-
-
-def options_from_logits(option_logits: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
-    """Renormalise letter logits over each item's options.
-
-    Args:
-        option_logits: [B, C] logits of the option letters A.. (C = most options of any item).
-        n_choices: [B] number of options of each item (1..C).
-    Returns:
-        [B, C] fp32 probabilities, 0 for letters beyond an item's options.
-    """
-    mask = option_mask(n_choices, option_logits.shape[1])
-    return torch.softmax(option_logits.float().masked_fill(~mask, float("-inf")), dim=-1)
-
-
-def options_from_topk(topk_ids: torch.Tensor, topk_probs: torch.Tensor, choice_ids: torch.Tensor,
-                      n_choices: torch.Tensor) -> torch.Tensor:
-    """Option probabilities from a top-k distribution: absent options get 0, then renormalise.
-
-    Args:
-        topk_ids: [B, k] token ids; topk_probs: [B, k] their probabilities (after temperature).
-        choice_ids: [C] token id of each option letter; n_choices: [B] options per item.
-    Returns:
-        [B, C] fp32, rows summing to 1 over the item's options; uniform over them when none is in the top-k.
-    """
-    match = topk_ids[:, :, None] == choice_ids[None, None, :]  # [B, k, C]
-    mass = (topk_probs.float()[:, :, None] * match).sum(dim=1)  # [B, C]
-    mask = option_mask(n_choices, choice_ids.shape[0])
-    mass = mass * mask
-    total = mass.sum(dim=1, keepdim=True)
-    uniform = mask.float() / n_choices[:, None].float()
-    return torch.where(total > 0, mass / total.clamp(min=torch.finfo(torch.float32).tiny), uniform)
-
-
 def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
               cols: torch.Tensor) -> torch.Tensor:
     """Last hidden states [N, H] at (rows[i], cols[i]) of a right-padded batch [B, S]."""
     return last_hidden_states(model, input_ids, attention_mask)[rows, cols]
-
-
-def _pad(seqs: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _length_batches(lengths: np.ndarray, batch_size: int):
-    """Index batches, longest first (little padding; a memory problem shows up in the first batch)."""
-    order = np.argsort(-lengths, kind="stable")
-    for b in range(0, len(order), batch_size):
-        yield order[b: b + batch_size]
 
 
 class _NLL:
@@ -256,8 +203,8 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
     if mcqa:
         answer = np.asarray(tokenized["answer_index"], dtype=np.int64)
         n_choices = np.asarray(tokenized["n_choices"], dtype=np.int64)
-    for batch in _length_batches(lengths, batch_size):
-        tokens, mask = _pad([input_ids[i] for i in batch], pad_id, device)
+    for batch in length_batches(lengths, batch_size):
+        tokens, mask = pad_right([input_ids[i] for i in batch], pad_id, device)
         if mcqa:
             rows = torch.arange(len(batch), device=device)
             cols = torch.as_tensor(starts[batch] - 1, device=device)
@@ -437,13 +384,6 @@ def default_label(path: str, suffix: str = "") -> str:
     for ext in (".zarr",):
         name = name[: -len(ext)] if name.endswith(ext) else name
     return name + suffix
-
-
-def temperature_text(record: Optional[dict]) -> str:
-    if not record:
-        return "raw"
-    symbol = "c" if record.get("form") == "prob" else "T"
-    return f"{record.get('form')} {symbol}={float(record.get('value')):.3g}"
 
 
 def clean_json(value):
@@ -658,7 +598,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
         if cfg.label:
             label = cfg.label
         elif store is not None:
-            label = default_label(cfg.store, f" teacher {temperature_text(store_temperature(store, cfg.temperature))}")
+            label = default_label(cfg.store, f" teacher {describe_temperature(store_temperature(store, cfg.temperature))}")
         else:
             label = default_label(cfg.model)
         settings = evaluation_settings(cfg, store)
