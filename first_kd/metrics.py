@@ -330,6 +330,9 @@ def mean_confidence(probs: Any) -> float:
 
 
 SUMMARY_KEYS = ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n", "n_bins")
+# The summary's numbers about the model, without the table setting n_bins: what a validation line of
+# metrics.jsonl (as val_KEY) and a model entry of the demo's report.json carry.
+MODEL_SUMMARY_KEYS = tuple(k for k in SUMMARY_KEYS if k != "n_bins")
 
 
 def _summary(bins: dict, n: int, correct_sum: float, conf_sum: float,
