@@ -43,6 +43,8 @@ the [N, V] matmul is skipped altogether.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -165,20 +167,68 @@ def _reduce(rows: torch.Tensor, valid: torch.Tensor, reduction: str, lead_shape)
 # ---------------------------------------------------------------------------------------------------
 
 
-def _kl_rows(z: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, other_bucket: bool) -> torch.Tensor:
-    """KL(p || q) per row. z [N, V] fp32, ids [N, k], p [N, k] or [N, k+1] fp32 -> [N]."""
+@dataclasses.dataclass(frozen=True)
+class StudentNorm:
+    """How the student's distribution r over the teacher's ids is formed from its logits z [N, V].
+
+    kind:
+      * "logit" (default): r = softmax(z[ids]), the student renormalised over the ids; with the other
+        bucket, r = [q[ids], 1 - sum q[ids]] for q = softmax(z), its full-vocabulary probabilities.
+      * "prob-softmax" (the FIRST authors' `--use_norm softmax`): r = softmax(q / temperature) over the
+        full-vocabulary probabilities q[ids] (and the rest 1 - sum q[ids] with the other bucket).
+      * "linear" (their `--use_norm linear`): r = (q + eps) / sum(q + eps) over the same entries.
+    The last two depend on the absolute probabilities, so they hold the student's mass on the ids even
+    without the other bucket; "logit" without the bucket constrains only the logits' differences.
+    """
+
+    kind: str = "logit"
+    temperature: float = 1.0
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind not in STUDENT_NORMS:
+            raise ValueError(f"unknown student normalisation {self.kind!r}: use one of {STUDENT_NORMS}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"student temperature must be a finite number > 0, got {self.temperature}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
+
+
+STUDENT_NORMS = ("logit", "prob-softmax", "linear")
+LOGIT_NORM = StudentNorm()
+
+
+def student_log_probs(z: torch.Tensor, ids: torch.Tensor, other_bucket: bool,
+                      norm: StudentNorm = LOGIT_NORM) -> torch.Tensor:
+    """log r [N, k] (or [N, k+1] with the other bucket): the student's side of the KL, see `StudentNorm`.
+
+    z [N, V] fp32 logits; ids [N, k] long.
+    """
     g = z.gather(1, ids)
-    if not other_bucket:
-        logq = torch.log_softmax(g, dim=-1)
-    else:
-        lse = torch.logsumexp(z, dim=-1)
+    if norm.kind == "logit" and not other_bucket:
+        return torch.log_softmax(g, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logq = g - lse.unsqueeze(1)
+    if other_bucket:
         # A finite sentinel, not -inf: when the ids cover the whole vocabulary the rest is empty and
         # logsumexp over all -inf has a NaN gradient even where it is multiplied by zero.
         rest = z.scatter(1, ids, torch.finfo(z.dtype).min)
         log_other = (torch.logsumexp(rest, dim=-1) - lse).clamp(min=LOG_TINY)
-        logq = torch.cat([g - lse.unsqueeze(1), log_other.unsqueeze(1)], dim=1)
+        logq = torch.cat([logq, log_other.unsqueeze(1)], dim=1)
+    if norm.kind == "logit":
+        return logq
+    if norm.kind == "prob-softmax":
+        return torch.log_softmax(torch.exp(logq) / norm.temperature, dim=-1)
+    shifted = torch.exp(logq) + norm.eps
+    return torch.log(shifted) - torch.log(shifted.sum(dim=-1, keepdim=True))
+
+
+def _kl_rows(z: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, other_bucket: bool,
+             norm: StudentNorm = LOGIT_NORM) -> torch.Tensor:
+    """KL(p || r) per row. z [N, V] fp32, ids [N, k], p [N, k] or [N, k+1] fp32 -> [N]."""
+    logr = student_log_probs(z, ids, other_bucket, norm)
     # xlogy: 0 * log 0 = 0, so teacher zeros (padding, empty rest) add nothing.
-    return torch.xlogy(p, p).sum(-1) - (p * logq).sum(-1)
+    return torch.xlogy(p, p).sum(-1) - (p * logr).sum(-1)
 
 
 def _ce_rows(z: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -197,6 +247,7 @@ def sparse_kl(
     other_bucket: bool = False,
     reduction: str = "mean",
     mask: Optional[torch.Tensor] = None,
+    student_norm: StudentNorm = LOGIT_NORM,
 ) -> torch.Tensor:
     """Forward KL(teacher top-k || student on the same ids), see the module docstring.
 
@@ -214,7 +265,7 @@ def sparse_kl(
     """
     return distillation_loss(
         student_logits, None, teacher_ids, teacher_probs, alpha=0.0, other_bucket=other_bucket,
-        reduction=reduction, mask=mask,
+        reduction=reduction, mask=mask, student_norm=student_norm,
     )
 
 
@@ -256,6 +307,7 @@ def distillation_loss(
     reduction: str = "mean",
     mask: Optional[torch.Tensor] = None,
     ignore_index: int = IGNORE_INDEX,
+    student_norm: StudentNorm = LOGIT_NORM,
 ) -> torch.Tensor:
     """(1 - alpha) * KL + alpha * CE on full student logits; pure CE when teacher_* are None.
 
@@ -267,6 +319,7 @@ def distillation_loss(
         teacher_probs: [N, k] (or [N, k+1] with ``other_bucket``) probabilities, or None.
         alpha: weight of CE in [0, 1].
         other_bucket, label_smoothing, reduction, mask, ignore_index: see the module docstring.
+        student_norm: how the student's side of the KL is formed (`StudentNorm`; default: renormalised logits).
 
     Returns:
         fp32 scalar, or [...] per-row losses for "none".
@@ -286,7 +339,7 @@ def distillation_loss(
         probs = probs.masked_fill(~valid.unsqueeze(1), 0.0)
         _check_ids(ids[valid], V)
         kl_weight = 1.0 - alpha if use_ce else 1.0
-        rows = rows + kl_weight * _kl_rows(z, ids, probs, other_bucket)
+        rows = rows + kl_weight * _kl_rows(z, ids, probs, other_bucket, student_norm)
     if use_ce:
         _check_targets(targets.reshape(-1)[valid], V)
         t = targets.reshape(-1).masked_fill(~valid, 0)
@@ -378,7 +431,26 @@ def _dense_chunk(z, targets, ids, probs, alpha, eps, other_bucket, grad_scale):
     return rows, z
 
 
-def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket,
+def _autograd_chunk(z, targets, ids, probs, alpha, eps, other_bucket, grad_scale, norm: StudentNorm):
+    """`_dense_chunk` for the student normalisations without a closed-form gradient here
+    ("prob-softmax", "linear"): the chunk's rows come from the same pure functions as
+    `distillation_loss` and d(loss)/d(logits) from autograd on the chunk alone, so the memory bound
+    (a few [c, V] buffers) and chunked == unchunked both hold by construction."""
+    use_ce, use_kl = targets is not None, ids is not None
+    z = z.detach().requires_grad_(grad_scale is not None)
+    with torch.enable_grad():
+        rows = z.new_zeros(z.shape[0])
+        if use_kl:
+            rows = rows + ((1.0 - alpha) if use_ce else 1.0) * _kl_rows(z, ids, probs, other_bucket, norm)
+        if use_ce:
+            rows = rows + (alpha if use_kl else 1.0) * _ce_rows(z, targets, eps)
+        if grad_scale is None:
+            return rows.detach(), None
+        (dz,) = torch.autograd.grad(rows.sum() * grad_scale, z)
+    return rows.detach(), dz
+
+
+def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket, norm,
                 chunk_size, need_h, need_w, need_b):
     """Loss (fp32 scalar) and its gradients w.r.t. hidden [N, H], weight [V, H], bias [V].
 
@@ -395,7 +467,8 @@ def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps
     grad_w = weight.new_zeros(weight.shape, dtype=math_dtype) if need_w else None
     grad_b = weight.new_zeros((V,), dtype=math_dtype) if need_b else None
     want_grad = need_h or need_w or need_b
-    sparse = ids is not None and targets is None and not other_bucket
+    sparse = ids is not None and targets is None and not other_bucket and norm.kind == "logit"
+    chunk_fn = _dense_chunk if norm.kind == "logit" else functools.partial(_autograd_chunk, norm=norm)
     for start in range(0, N, chunk_size):
         sl = slice(start, min(start + chunk_size, N))
         h = hidden[sl]
@@ -426,7 +499,7 @@ def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps
 
         z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
         z = z.to(math_dtype)  # a no-op for fp32, so the in-place work below reuses the matmul's buffer
-        rows, dz = _dense_chunk(
+        rows, dz = chunk_fn(
             z, t, ids[sl] if ids is not None else None, probs[sl] if probs is not None else None,
             alpha, eps, other_bucket, row_scale if want_grad else None,
         )
@@ -450,10 +523,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """Loss of hidden @ weight.T (+ bias) with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket,
+    def forward(ctx, hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket, norm,
                 chunk_size, need_h, need_w, need_b):
         loss, grad_h, grad_w, grad_b = _run_chunks(
-            hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket, chunk_size,
+            hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps, other_bucket, norm, chunk_size,
             need_h, need_w, need_b,
         )
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -469,7 +542,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return (gh, gw, gb) + (None,) * 11
+        return (gh, gw, gb) + (None,) * 12
 
 
 def chunked_distillation_loss(
@@ -486,6 +559,7 @@ def chunked_distillation_loss(
     head_bias: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     ignore_index: int = IGNORE_INDEX,
+    student_norm: StudentNorm = LOGIT_NORM,
 ) -> torch.Tensor:
     """`distillation_loss(hidden @ head_weight.T + head_bias, ...)` without materialising [N, V].
 
@@ -495,7 +569,7 @@ def chunked_distillation_loss(
         head_weight: [V, H] output embedding (``model.lm_head.weight``; may be tied to the input
             embedding, autograd accumulates both uses).
         targets: [N] long next-token ids (-100 = ignored), or None when no CE term is needed.
-        teacher_ids, teacher_probs, alpha, other_bucket, label_smoothing, mask, ignore_index:
+        teacher_ids, teacher_probs, alpha, other_bucket, label_smoothing, mask, ignore_index, student_norm:
             as in `distillation_loss`.
         chunk_size: rows per chunk; peak extra memory is about 2 * chunk_size * V fp32 values.
         reduction: "mean" or "sum" ("none" is not offered: per-row losses would need the head's
@@ -551,6 +625,6 @@ def chunked_distillation_loss(
         if not (need_h or need_w or need_b):
             with torch.no_grad():
                 return _run_chunks(h, w, b, t, ids, probs, row_scale, alpha, label_smoothing,
-                                   other_bucket, chunk_size, False, False, False)[0]
+                                   other_bucket, student_norm, chunk_size, False, False, False)[0]
         return _ChunkedHeadLoss.apply(h, w, b, t, ids, probs, row_scale, alpha, label_smoothing,
-                                      other_bucket, chunk_size, need_h, need_w, need_b)
+                                      other_bucket, student_norm, chunk_size, need_h, need_w, need_b)
