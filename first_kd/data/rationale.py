@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from first_kd.config import option
-from first_kd.data import (LETTERS, DataConfig, _answer_field, _check_template, _mcqa_example, _parse_choices,
-                           _Record, _render, _unescape)
+from first_kd.data.options import DataConfig, check_template, unescape
+from first_kd.data.templates import (LETTERS, Record, answer_field, mcqa_example, option_lines, parse_choices,
+                                     record_id, render, repeated_id_error)
 from first_kd.errors import FirstKDError
 
 EXTRACTORS = {
@@ -120,7 +121,7 @@ class RationaleConfig(DataConfig):
     def validate(self) -> None:
         super().validate()
         compile_extractor(self.extractor)
-        _check_template("--qa-template", self.qa_template, required=("question",))
+        check_template("--qa-template", self.qa_template, required=("question",))
 
 
 @dataclass
@@ -155,23 +156,21 @@ def _gold_text(value: Any, extractor: re.Pattern) -> Optional[str]:
 
 
 def mcqa_prompt(question: str, options: list[str], template: str, extra: Optional[dict] = None) -> str:
-    """The MCQA prompt of data.py's layout ("A. text" lines), for options in the given order."""
-    rendered = "\n".join(f"{LETTERS[i]}. {t}" for i, t in enumerate(options))
-    return _unescape(template).format_map({**(extra or {}), "question": question, "options": rendered})
+    """The MCQA prompt of first_kd.data's layout ("A. text" lines), for options in the given order."""
+    return unescape(template).format_map({**(extra or {}), "question": question, "options": option_lines(options)})
 
 
 def load_questions(ds, cfg: RationaleConfig) -> list[Question]:
     """Questions of a loaded dataset, in order.
 
-    Layouts: MCQA (question + choices: data.py's template; gold = option letter), question/answer
+    Layouts: MCQA (question + choices: first_kd.data's template; gold = option letter), question/answer
     (question, no choices: `qa_template`; gold = the answer field, read with the extractor when it holds
     a worked solution) and prompt (the prompt field verbatim; gold from the answer field if present, else
     extracted from the response field if present).
     """
     columns = set(ds.column_names)
     extractor = compile_extractor(cfg.extractor)
-    has_ids = cfg.id_field in columns
-    answer_field = _answer_field(columns, cfg)
+    gold_field = answer_field(columns, cfg)
     if cfg.question_field in columns and cfg.choices_field in columns and cfg.format != "prompt-response":
         layout = "mcqa"
     elif cfg.question_field in columns:
@@ -183,23 +182,22 @@ def load_questions(ds, cfg: RationaleConfig) -> list[Question]:
                            f"--question-field (with --choices-field for multiple choice) or --prompt-field")
     questions, seen = [], {}
     for i, values in enumerate(ds):
-        rid = str(values[cfg.id_field]) if has_ids and values.get(cfg.id_field) is not None else str(i)
+        rid = record_id(values, i, cfg.id_field)
         if rid in seen:
-            raise FirstKDError(f"record {i} (id {rid}): id repeats record {seen[rid]}; ids must be unique: fix the "
-                               f"data or set --id-field to a unique field (or a missing one to number records)")
+            raise repeated_id_error(i, rid, seen[rid])
         seen[rid] = i
-        rec = _Record(i, rid, values)
+        rec = Record(i, rid, values)
         if layout == "mcqa":
-            prompt, gold_index, n = _mcqa_example(rec, cfg, answer_field)
-            texts, _ = _parse_choices(rec, cfg.choices_field)
+            prompt, gold_index, n = mcqa_example(rec, cfg, gold_field)
+            texts, _ = parse_choices(rec, cfg.choices_field)
             q = Question(rid, with_cue(prompt, cfg.cue), LETTERS[gold_index], options=texts, gold_index=gold_index)
         elif layout == "qa":
             question = rec.get(cfg.question_field, "--question-field")
-            prompt = _render(rec, _unescape(cfg.qa_template), "--qa-template", {"question": str(question)})
-            q = Question(rid, with_cue(prompt, cfg.cue), _gold_text(values.get(answer_field), extractor))
+            prompt = render(rec, unescape(cfg.qa_template), "--qa-template", {"question": str(question)})
+            q = Question(rid, with_cue(prompt, cfg.cue), _gold_text(values.get(gold_field), extractor))
         else:
             prompt = str(rec.get(cfg.prompt_field, "--prompt-field"))
-            gold = values.get(answer_field)
+            gold = values.get(gold_field)
             if gold is None and values.get(cfg.response_field) is not None:
                 gold = extract_answer(str(values[cfg.response_field]), extractor)
             q = Question(rid, with_cue(prompt, cfg.cue), _gold_text(gold, extractor))
