@@ -115,6 +115,6 @@ def trace_variants(rid: str, response: str, levels: list[float], seed: int, sep:
 
 def marker_prefix_ids(tokenizer, marker: str, sep: str) -> list[int]:
     """Token ids of `marker + sep`, tokenized on their own without special tokens: a variant's target starts
-    with exactly these ids in training (first_kd.data), and `first-kd evaluate --modes slow,fast` forces them
+    with exactly these ids in training (first_kd.data.tokenize), and `first-kd evaluate --modes slow,fast` forces them
     after the prompt, so the forced start is token for token what the model learnt to continue."""
     return list(tokenizer(marker + sep, add_special_tokens=False)["input_ids"])
