@@ -2,7 +2,9 @@
 
 Each command is a typed config dataclass plus a `run(cfg)` function in its own module; this file
 only wires them to argparse and turns user errors into one line on stderr with exit code 2.
-Modules are imported lazily so `first-kd --help` stays fast and one broken step cannot hide the rest.
+A command's module is imported only when the parser is built, and one that fails to import does not
+take the others down: --help lists it as unavailable with the error, and running it prints that error in
+one line (exit code 2).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from first_kd.errors import FirstKDError
 COMMANDS = {
     "cache": ("first_kd.commands.cache", "CacheConfig", "run_cache",
               "run the teacher once and cache its top-k log-probs in a zarr store"),
-    "inspect": ("first_kd.store", "InspectConfig", "run_inspect",
+    "inspect": ("first_kd.commands.inspect", "InspectConfig", "run_inspect",
                 "verify a store and summarise it (--json for machines)"),
-    "calibrate": ("first_kd.calibration", "CalibrateConfig", "run_calibrate",
+    "calibrate": ("first_kd.commands.calibrate", "CalibrateConfig", "run_calibrate",
                   "fit the teacher temperature on a held-out store and record it"),
     "generate": ("first_kd.commands.generate", "GenerateConfig", "run_generate",
                  "have the teacher write rationales (sampled, resumable) and extract their answers"),
@@ -32,7 +34,7 @@ COMMANDS = {
                  "accuracy and calibration of a model or a teacher store on a dataset"),
     "report": ("first_kd.commands.report", "ReportConfig", "run_report",
                "collect evaluation runs into report.md / report.json with reliability figures"),
-    "demo": ("first_kd.demo.calibration", "DemoConfig", "run_demo",
+    "demo": ("first_kd.demo.main", "DemoConfig", "run_demo",
              "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written rationales"),
 }
 
@@ -66,25 +68,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"first-kd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, cls_name, _, desc) in COMMANDS.items():
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError):
-            continue  # a step not built yet does not break the others
+    for name, (_, cls_name, _, desc) in COMMANDS.items():
+        module, problem = load_command(name)
+        if problem:
+            # Still listed, so the user learns why it is missing; running it reports the problem (main).
+            sub.add_parser(name, help=f"UNAVAILABLE: {problem}", description=f"{desc}. UNAVAILABLE: {problem}")
+            continue
         p = sub.add_parser(name, help=desc, description=desc)
-        add_arguments(p, cls)
+        add_arguments(p, getattr(module, cls_name))
     return parser
+
+
+_LOADED: dict = {}  # (module, config class, run function) -> (module or None, problem or "")
+
+
+def load_command(name: str):
+    """(the module of command `name`, "") or (None, one line saying why it cannot be loaded). Python does not
+    keep a module that failed to import, so the outcome is kept here: each module is tried once per process."""
+    module_name, cls_name, run_name, _ = COMMANDS[name]
+    key = (module_name, cls_name, run_name)
+    if key not in _LOADED:
+        try:
+            module = importlib.import_module(module_name)
+            for attr in (cls_name, run_name):
+                getattr(module, attr)
+            _LOADED[key] = (module, "")
+        except Exception as e:  # noqa: BLE001 - any failure while importing (ImportError, SyntaxError, ...)
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _LOADED[key] = (None, f"{module_name} cannot be loaded ({type(e).__name__}"
+                                  f"{': ' + detail if detail else ''})")
+    return _LOADED[key]
 
 
 def main(argv=None) -> int:
     _quiet_libraries()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Known arguments first: an unavailable command takes none, and its problem matters more than its options.
+    args, unknown = parser.parse_known_args(argv)
     if not args.command:
         parser.print_help()
         return 2
-    module, cls_name, run_name, _ = COMMANDS[args.command]
-    mod = importlib.import_module(module)
+    _, cls_name, run_name, _ = COMMANDS[args.command]
+    mod, problem = load_command(args.command)
+    if problem:
+        print(f"first-kd {args.command}: error: the command is unavailable: {problem}", file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")  # what parse_args says
     from first_kd.config import from_args
 
     try:

@@ -29,9 +29,12 @@ import torch
 import yaml
 
 import first_kd.cli as cli
-from first_kd.demo import calibration as demo
+from first_kd import metrics
 from first_kd.config import build, read_yaml
-from first_kd.demo.calibration import DemoConfig
+from first_kd.demo import calibration as demo
+from first_kd.demo.main import DemoConfig
+from first_kd.demo.runner import store_temperature
+from helpers import assert_checks_hold_as_stated
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.y*ml"))
@@ -40,7 +43,6 @@ CONFIGS = sorted(p for p in (REPO / "configs").glob("*.y*ml"))
 SHORT = ["n_items=6", "n_teacher=96", "n_train=64", "n_val=48", "n_test=64", "vocab_size=400",
          "teacher_hidden=32", "teacher_layers=1", "student_hidden=16", "student_layers=1",
          "teacher_steps=6", "student_steps=4", "batch_size=16"]
-REPORT_MODEL_KEYS = ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n")
 
 
 @pytest.fixture(autouse=True)
@@ -184,12 +186,19 @@ def test_report_json_holds_every_key(finished):
     assert set(demo.MODEL_LABELS) <= set(report["models"])
     for label in demo.MODEL_LABELS:
         m = report["models"][label]
-        for key in REPORT_MODEL_KEYS:
-            assert isinstance(m[key], (int, float)), (label, key)
-        assert 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1 and 0 <= m["mean_confidence"] <= 1
+        # the report carries each evaluation's numbers as the evaluation wrote them, and its ECE is the
+        # one of the reliability table written beside it
+        evaluation = json.loads((out / "eval" / label / "metrics.json").read_text())
+        for key in metrics.MODEL_SUMMARY_KEYS:
+            assert isinstance(m[key], (int, float)) and m[key] == evaluation[key], (label, key)
+        assert m["ece"] == pytest.approx(metrics.ece_from_bins(metrics.bins_from_json(evaluation["bins"])))
     t = report["temperature"]
-    assert t["form"] == "prob" and 0 < t["value"] <= 1 and "ece_before" in t
-    assert t["fitted_on"]["path"].endswith("val.zarr")
+    # the fit on val never leaves val worse calibrated than no temperature, and the test store records the same fit
+    assert t["form"] == "prob" and t["ece_after"] <= t["ece_before"]
+    assert t["fitted_on"]["path"] == str(out / "stores" / "val.zarr")
+    fit = ("form", "value", "objective", "ece_before", "ece_after", "nll_before", "nll_after", "fitted_on")
+    in_test_store = store_temperature(out / "stores" / "test.zarr")
+    assert {k: in_test_store[k] for k in fit} == {k: t[k] for k in fit}
     store = report["store"]
     for key in ("bytes_per_position", "mean_topk_mass", "n_positions", "k", "complete"):
         assert key in store
@@ -199,7 +208,12 @@ def test_report_json_holds_every_key(finished):
     for loss in ("ce", "kd", "first"):
         steps = [p["step"] for p in report["val_curves"][f"student_{loss}"]]
         assert steps == sorted(steps) and steps[-1] == 4 and len(steps) >= 2
-    assert {c["claim"] for c in report["checks"]} and all(isinstance(c["ok"], bool) for c in report["checks"])
+    assert_checks_hold_as_stated(report["checks"])
+    # each check measures what it names
+    checks = {c["claim"]: c["value"] for c in report["checks"]}
+    assert checks["teacher ECE before temperature >= 0.10"] == report["models"]["teacher"]["ece"]
+    assert checks["teacher ECE after temperature <= 0.05"] == report["models"]["teacher_ts"]["ece"]
+    assert checks["training store bytes per target position (top-k payload) <= 16"] == store["bytes_per_position"]
     # the teacher with and without temperature differ only in confidence, never in the answers
     assert report["models"]["teacher"]["accuracy"] == report["models"]["teacher_ts"]["accuracy"]
     assert report["models"]["teacher_ts"]["temperature"]["value"] == t["value"]
@@ -312,10 +326,6 @@ def _sections(path: Path) -> dict:
     named = [c for c in re.findall(r"first-kd\s+(\w+)", header) if c in cli.COMMANDS]
     assert named, f"{path.name} is a flat mapping: name its command in an opening comment (`first-kd COMMAND`)"
     return {named[0]: data}
-
-
-def test_there_are_recipes():
-    assert any(p.name == "demo.yaml" for p in CONFIGS)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 import first_kd.cli as cli
-from first_kd.demo import reasoning as reasoning
 from first_kd.config import build
-from first_kd.demo.calibration import DemoConfig
+from first_kd.demo import reasoning
+from first_kd.demo.main import DemoConfig
 from first_kd.errors import FirstKDError
+from helpers import assert_checks_hold_as_stated
 
 
 @pytest.fixture(autouse=True)
@@ -178,19 +179,29 @@ def test_reasoning_demo_end_to_end(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
 
     report = json.loads((out / "report.json").read_text())
-    assert {c["claim"] for c in report["checks"]} and all("ok" in c for c in report["checks"])
+    assert_checks_hold_as_stated(report["checks"])
     models = report["results"]["models"]
     assert set(models) == set(reasoning.EVALUATED)
     assert set(models["student_dual"]) == {"slow", "fast", "auto"}
     for label, modes in models.items():
+        predictions = _jsonl(out / "eval" / label / "predictions.jsonl")
         for mode, m in modes.items():
-            assert m["n"] == 4 and 0.0 <= m["accuracy"] <= 1.0 and m["mean_generated_tokens"] > 0, (label, mode)
+            # each number is the one its model's own predictions give, over the 4 test questions
+            lines = [p for p in predictions if p["mode"] == mode]
+            assert m["n"] == len(lines) == 4, (label, mode)
+            assert m["accuracy"] == pytest.approx(sum(p["correct"] for p in lines) / 4), (label, mode)
+            assert m["mean_generated_tokens"] == pytest.approx(sum(p["n_generated_tokens"] for p in lines) / 4)
     for name in ("report.md", "commands.sh", "demo.yaml", "generated/train.jsonl", "filtered/train_cot.jsonl",
                  "filtered/train_sc.filter.json", "stores/train.zarr", "stores/val.zarr",
                  "eval/student_dual/metrics.json"):
         assert (out / name).exists(), name
     assert "## The reasoning demo" in (out / "report.md").read_text()
-    assert "student_dual" in printed and ("[ok]" in printed or "[MISSED]" in printed)
+    # the printed summary has a row per model and mode, and says each check as report.json does
+    for label, modes in models.items():
+        for mode in modes:
+            assert re.search(rf"^  {label} +{mode} ", printed, re.M), (label, mode)
+    for c in report["checks"]:
+        assert f"[{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})" in printed
 
     # commands.sh lists exactly the commands that ran, each one parseable by the CLI
     shell = [line for line in (out / "commands.sh").read_text().splitlines() if line.startswith("first-kd ")]

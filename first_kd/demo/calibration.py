@@ -1,4 +1,4 @@
-"""`first-kd demo`: the whole FIRST story on tiny models and data built here, on a CPU, in minutes.
+"""`first-kd demo` (the calibration suite): the whole FIRST story on tiny models and data built here, on a CPU, in minutes.
 
 The task (why it is a fair test of calibration)
 -----------------------------------------------
@@ -48,20 +48,15 @@ other options is refused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
-import shlex
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
 
-import yaml
-
-from first_kd.config import option, to_dict
+from first_kd import metrics
+from first_kd.config import to_dict
+from first_kd.demo.runner import (Layout, Step, calibrated_from, require, run_steps, store_complete,
+                                  store_temperature, write_jsonl)
 from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
 
 LETTERS = "ABCDE"
 N_OPTIONS = len(LETTERS)
@@ -69,142 +64,26 @@ QUESTION = "Which is heaviest?"
 MODEL_LABELS = ("teacher", "teacher_ts", "student_ce", "student_kd", "student_first")
 STUDENT_LOSSES = ("ce", "kd", "first")
 # Consonant-vowel syllables for made-up object names: pronounceable, so BPE learns each name as one token.
-_CONSONANTS = "bdfgklmnprstvz"
-_VOWELS = "aeiou"
+CONSONANTS = "bdfgklmnprstvz"
+VOWELS = "aeiou"
+# How the printed summary heads a metrics.MODEL_SUMMARY_KEYS column (the others by their key).
+SCORE_HEADINGS = {"ece": "ECE", "mce": "MCE", "brier": "Brier", "nll": "NLL", "mean_confidence": "mean conf."}
+# The suite's values of the suite-dependent options of DemoConfig (first_kd.demo.main).
+DEFAULTS = dict(n_items=20, eps=0.25, teacher_eps=0.0, n_teacher=1000, n_train=1000, n_val=1000, n_test=2000,
+                vocab_size=512, teacher_hidden=96, teacher_layers=3, student_hidden=64, student_layers=2,
+                teacher_steps=1000, teacher_lr=2e-3, student_steps=1500, student_lr=3e-3)
 
 
-SUITES = ("calibration", "reasoning")
-# Options whose default depends on the suite: None in a config means "the suite's default". An option
-# that only one suite has is refused with the other (it would silently do nothing).
-SUITE_DEFAULTS: dict[str, dict] = {
-    "calibration": dict(n_items=20, eps=0.25, teacher_eps=0.0, n_teacher=1000, n_train=1000, n_val=1000,
-                        n_test=2000, vocab_size=512, teacher_hidden=96, teacher_layers=3, student_hidden=64,
-                        student_layers=2, teacher_steps=1000, teacher_lr=2e-3, student_steps=1500, student_lr=3e-3),
-    "reasoning": dict(digits=3, n_teacher=2000, n_train=4000, n_val=300, n_test=500, vocab_size=300,
-                      teacher_hidden=128, teacher_layers=4, student_hidden=96, student_layers=3, teacher_steps=700,
-                      teacher_lr=3e-3, student_steps=800, student_lr=3e-3, samples=4, sample_temperature=1.5,
-                      agreement=0.75, max_per_question=2, trace_levels="0,1"),
-}
-
-
-def _suite_option(name: str, help: str):
-    """A suite-dependent option: default None, the help names each suite's default."""
-    defaults = "; ".join(f"{suite}: {d[name]!r}" for suite, d in SUITE_DEFAULTS.items() if name in d)
-    return option(None, help=f"{help} (default {defaults})")
-
-
-@dataclass
-class DemoConfig:
-    out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
-                                           "runs, evaluations, report.md, report.json, commands.sh)")
-    suite: Literal["calibration", "reasoning"] = option(
-        "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo/calibration.py); "
-                            "reasoning: teacher-written rationales, self-consistency filtering and fast/slow "
-                            "trace dropping on multi-digit addition (first_kd/demo/reasoning.py)")
-    seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
-    # --- the task -----------------------------------------------------------------------------------
-    n_items: Optional[int] = _suite_option("n_items", "calibration: objects in the made-up world (their hidden "
-                                                      "weight order is the rule)")
-    eps: Optional[float] = _suite_option("eps", "calibration: probability that a label is replaced by a random "
-                                                "wrong option (train, val, test)")
-    teacher_eps: Optional[float] = _suite_option(
-        "teacher_eps", "calibration: label noise of the teacher's own fine-tuning split; 0 = a teacher that knows "
-                       "the rule (a tiny teacher that memorises noisy labels loses the rule: see first_kd/demo/calibration.py)")
-    digits: Optional[int] = _suite_option("digits", "reasoning: digits of each addend")
-    n_teacher: Optional[int] = _suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
-                                                          "the students)")
-    n_train: Optional[int] = _suite_option("n_train", "questions the students are trained on")
-    n_val: Optional[int] = _suite_option("n_val", "held-out questions the temperature is fitted on")
-    n_test: Optional[int] = _suite_option("n_test", "held-out questions every reported number is measured on")
-    vocab_size: Optional[int] = _suite_option("vocab_size", "BPE vocabulary size of the tokenizer trained on the task")
-    # --- the models ---------------------------------------------------------------------------------
-    teacher_hidden: Optional[int] = _suite_option("teacher_hidden", "teacher hidden size")
-    teacher_layers: Optional[int] = _suite_option("teacher_layers", "teacher transformer layers")
-    student_hidden: Optional[int] = _suite_option("student_hidden", "student hidden size")
-    student_layers: Optional[int] = _suite_option("student_layers", "student transformer layers")
-    heads: int = option(4, help="attention heads of both models")
-    # --- training -----------------------------------------------------------------------------------
-    teacher_steps: Optional[int] = _suite_option("teacher_steps", "optimizer steps of the teacher's fine-tuning")
-    teacher_lr: Optional[float] = _suite_option("teacher_lr", "teacher peak learning rate")
-    student_steps: Optional[int] = _suite_option("student_steps", "optimizer steps of each student (the same "
-                                                                  "budget for all)")
-    student_lr: Optional[float] = _suite_option("student_lr", "student peak learning rate")
-    batch_size: int = option(32, help="questions per optimizer step (teacher and students)")
-    schedule: Literal["cosine", "linear", "constant"] = option("cosine", help="learning-rate decay after warmup")
-    k: int = option(5, help="top-k kept per position by `first-kd cache`")
-    form: Literal["prob", "logit"] = option("prob", help="temperature form fitted by `first-kd calibrate` "
-                                                         "(prob: FIRST's softmax(p / c))")
-    # --- the reasoning suite's teacher-written targets ------------------------------------------------
-    samples: Optional[int] = _suite_option("samples", "reasoning: rationales the teacher writes per train question")
-    sample_temperature: Optional[float] = _suite_option("sample_temperature",
-                                                        "reasoning: sampling temperature of those rationales")
-    agreement: Optional[float] = _suite_option("agreement", "reasoning: self-consistency threshold (share of the "
-                                                            "samples that must give the majority answer)")
-    max_per_question: Optional[int] = _suite_option("max_per_question", "reasoning: correct rationales kept per "
-                                                                        "question (Fine-tune-CoT)")
-    trace_levels: Optional[str] = _suite_option("trace_levels", "reasoning: trace drop levels of the dual-mode "
-                                                                "student (0 = full trace, 1 = answer only)")
-    threads: int = option(1, help="torch CPU threads; tiny models run fastest on one, and more threads "
-                                  "on a shared machine spin against each other")
-
-    def resolved(self) -> "DemoConfig":
-        """This config with the suite's defaults filled in where an option was left unset."""
-        defaults = SUITE_DEFAULTS[self.suite]
-        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-    def validate(self) -> None:
-        if not self.out:
-            raise FirstKDError("missing --out (the directory the demo writes everything to)")
-        if Path(self.out).is_file():
-            raise FirstKDError(f"--out {self.out} is a file: give a directory")
-        foreign = sorted(k for d in SUITE_DEFAULTS.values() for k in d
-                         if k not in SUITE_DEFAULTS[self.suite] and getattr(self, k) is not None)
-        if foreign:
-            flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-            other = next(s for s in SUITES if s != self.suite)
-            raise FirstKDError(f"{flags} belong(s) to --suite {other}, not {self.suite}: drop it or set --suite {other}")
-        r = self.resolved()
-        checks = [
-            (min(r.n_teacher, r.n_train, r.n_val, r.n_test) >= 1,
-             "--n-teacher, --n-train, --n-val and --n-test must all be >= 1"),
-            (r.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {r.vocab_size}"),
-            (min(r.teacher_hidden, r.teacher_layers, r.student_hidden, r.student_layers, r.heads) >= 1,
-             "model sizes must be >= 1"),
-            (r.teacher_hidden % r.heads == 0 and r.student_hidden % r.heads == 0,
-             f"--teacher-hidden and --student-hidden must be multiples of --heads ({r.heads})"),
-            (r.teacher_steps >= 1 and r.student_steps >= 1, "--teacher-steps and --student-steps must be >= 1"),
-            (r.teacher_lr > 0 and r.student_lr > 0, "--teacher-lr and --student-lr must be > 0"),
-            (r.batch_size >= 1, f"--batch-size must be >= 1; got {r.batch_size}"),
-            (r.threads >= 1, f"--threads must be >= 1; got {r.threads}"),
-        ]
-        if r.suite == "calibration":
-            checks += [
-                (r.n_items >= N_OPTIONS, f"--n-items must be >= {N_OPTIONS} (one per option); got {r.n_items}"),
-                (0.0 <= r.eps < 1.0 - 1.0 / N_OPTIONS and 0.0 <= r.teacher_eps < 1.0 - 1.0 / N_OPTIONS,
-                 f"--eps and --teacher-eps must be in [0, {1 - 1 / N_OPTIONS:g}) so the true answer stays the "
-                 f"likeliest label; got {r.eps} and {r.teacher_eps}"),
-                (r.k >= N_OPTIONS, f"--k must be >= {N_OPTIONS} to hold every option letter; got {r.k}"),
-            ]
-        else:
-            checks += [
-                (1 <= r.digits <= 9, f"--digits must be in 1..9; got {r.digits}"),
-                (r.samples >= 1, f"--samples must be >= 1; got {r.samples}"),
-                (r.sample_temperature > 0 or r.samples == 1,
-                 "--sample-temperature must be > 0 to draw several --samples"),
-                (0.0 < r.agreement <= 1.0, f"--agreement must be in (0, 1]; got {r.agreement}"),
-                (r.max_per_question >= 0, f"--max-per-question must be >= 0 (0 = no cap); got {r.max_per_question}"),
-                (r.k >= 1, f"--k must be >= 1; got {r.k}"),
-            ]
-        for ok, message in checks:
-            if not ok:
-                raise FirstKDError(message)
-        if r.suite == "reasoning":
-            from first_kd.data.traces import parse_levels
-
-            levels = parse_levels(r.trace_levels)
-            if 0.0 not in levels or 1.0 not in levels:
-                raise FirstKDError(f"--trace-levels {r.trace_levels} must include 0 (the full trace: slow mode) and "
-                                   f"1 (answer only: fast mode)")
+def check_options(cfg) -> None:
+    """The suite's own checks of a resolved DemoConfig (the shared ones are DemoConfig.validate's)."""
+    checks = [
+        (cfg.n_items >= N_OPTIONS, f"--n-items must be >= {N_OPTIONS} (one per option); got {cfg.n_items}"),
+        (0.0 <= cfg.eps < 1.0 - 1.0 / N_OPTIONS and 0.0 <= cfg.teacher_eps < 1.0 - 1.0 / N_OPTIONS,
+         f"--eps and --teacher-eps must be in [0, {1 - 1 / N_OPTIONS:g}) so the true answer stays the "
+         f"likeliest label; got {cfg.eps} and {cfg.teacher_eps}"),
+        (cfg.k >= N_OPTIONS, f"--k must be >= {N_OPTIONS} to hold every option letter; got {cfg.k}"),
+    ]
+    require(checks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +95,7 @@ def make_items(rng: random.Random, n: int) -> list[str]:
     """`n` distinct made-up object names, lightest first (the list order is the hidden weight order)."""
     names: set[str] = set()
     while len(names) < n:
-        names.add("".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(2)) + rng.choice(_CONSONANTS))
+        names.add("".join(rng.choice(CONSONANTS) + rng.choice(VOWELS) for _ in range(2)) + rng.choice(CONSONANTS))
     items = sorted(names)
     rng.shuffle(items)  # the alphabet must say nothing about the weight
     return items
@@ -259,19 +138,14 @@ def bayes_reference(records: list[dict], eps: float, n_bins: int = 10) -> dict:
     on each other option. Its accuracy against the noisy labels is about 1 - eps and its ECE about 0."""
     import numpy as np
 
-    from first_kd import metrics
-
     probs = np.full((len(records), N_OPTIONS), eps / (N_OPTIONS - 1))
     for i, r in enumerate(records):
         probs[i, LETTERS.index(r["true_answer"])] = 1.0 - eps
     labels = np.array([LETTERS.index(r["answer"]) for r in records])
     summary = metrics.calibration_summary(probs, labels, n_bins)
     return {k: float(summary[k]) if k != "n" else int(summary[k])
-            for k in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n") if k in summary}
+            for k in metrics.MODEL_SUMMARY_KEYS if k in summary}
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,65 +153,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Step:
-    """One `first-kd` command of the pipeline and how to tell that its work is already done."""
-
-    name: str
-    argv: list[str]
-    done: Callable[[], bool]
-    comment: str = ""
-    # What to change when the command fails because of the demo's own settings (said before the generic
-    # "fix the problem above"), e.g. a teacher too briefly trained for a filter to keep anything.
-    on_failure: str = ""
-
-    @property
-    def shell(self) -> str:
-        return "first-kd " + shlex.join(self.argv)
-
-
-class Layout:
-    """Where everything lives under DIR."""
-
-    def __init__(self, out: str):
-        self.root = Path(out)
-        self.data = self.root / "data"
-        self.models = self.root / "models"
-        self.stores = self.root / "stores"
-        self.runs = self.root / "runs"
-        self.evals = self.root / "eval"
-
-    def split(self, name: str) -> Path:
-        return self.data / f"{name}.jsonl"
-
-    def store(self, name: str) -> Path:
-        return self.stores / f"{name}.zarr"
-
-
-def _store_complete(path: Path) -> bool:
-    from first_kd.store import is_store
-
-    if not is_store(path):
-        return False
-    import zarr
-
-    return bool(zarr.open_group(str(path), mode="r").attrs.get("complete"))
-
-
-def _store_temperature(path: Path) -> dict:
-    import zarr
-
-    if not _store_complete(path):
-        return {}
-    return dict(zarr.open_group(str(path), mode="r").attrs.get("temperature") or {})
-
-
-def _calibrated_from(path: Path, val: Path) -> bool:
-    record = _store_temperature(path)
-    return bool(record) and (record.get("fitted_on") or {}).get("path") == str(val)
-
-
-def pipeline(cfg: DemoConfig, lay: Layout) -> list[Step]:
+def pipeline(cfg, lay: Layout) -> list[Step]:
     """The demo's commands, in order (argv for first_kd.cli.main, without the program name)."""
     # Paths are kept as the user gave --out (relative stays relative), so commands.sh works from the same directory.
     teacher_model = lay.runs / "teacher" / "model"
@@ -353,17 +169,17 @@ def pipeline(cfg: DemoConfig, lay: Layout) -> list[Step]:
         steps.append(Step(
             f"cache {split}", ["cache", "--teacher", str(teacher_model), "--data", str(lay.split(split)),
                                "--out", str(lay.store(split)), "--k", str(cfg.k)],
-            lambda s=split: _store_complete(lay.store(s)),
+            lambda s=split: store_complete(lay.store(s)),
             f"the teacher's top-{cfg.k} on the {split} questions"))
     steps.append(Step(
         "calibrate", ["calibrate", "--store", str(lay.store("train")), "--val-store", str(lay.store("val")),
                       "--form", cfg.form],
-        lambda: _calibrated_from(lay.store("train"), lay.store("val")),
+        lambda: calibrated_from(lay.store("train"), lay.store("val")),
         "fit the temperature on val; recorded in the train store, which `distill --loss first` reads"))
     steps.append(Step(
         "calibrate test", ["calibrate", "--store", str(lay.store("test")), "--val-store", str(lay.store("val")),
                            "--form", cfg.form],
-        lambda: _calibrated_from(lay.store("test"), lay.store("val")),
+        lambda: calibrated_from(lay.store("test"), lay.store("val")),
         "the same fit (deterministic, on val again) recorded in the test store, for `evaluate --store`"))
     for loss in STUDENT_LOSSES:
         # Validation on val every tenth of the budget only logs (nothing is selected with it): the curves
@@ -405,40 +221,24 @@ def pipeline(cfg: DemoConfig, lay: Layout) -> list[Step]:
     return steps
 
 
-def write_commands(path: Path, cfg: DemoConfig, steps: list[Step]) -> None:
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# The first-kd commands `first-kd demo --suite {cfg.suite} --out {cfg.out}` ran, in order. Run them "
-        "from the directory",
-        "# the demo was run in. The data (data/*.jsonl), the tokenizer and the untrained models (models/)",
-        "# were written by the demo itself (first_kd.demo.calibration, first_kd.tiny) before these commands.",
-        "# A finished step refuses to run again (cache) or says there is nothing to do (distill): add",
-        "# --overwrite to redo one.",
-        "set -euo pipefail",
-        "",
-    ]
-    for step in steps:
-        lines += [f"# {step.comment}" if step.comment else f"# {step.name}", step.shell, ""]
-    path.write_text("\n".join(lines))
-
 
 # ----------------------------------------------------------------------------------------------
 # Building the inputs (no command exists for these: they are the demo's own)
 # ----------------------------------------------------------------------------------------------
 
 
-def split_plan(cfg: DemoConfig) -> dict[str, tuple[int, float]]:
+def split_plan(cfg) -> dict[str, tuple[int, float]]:
     """{split: (size, label noise)}: the students' and held-out splits carry eps, the teacher's own teacher_eps."""
     return {"teacher": (cfg.n_teacher, cfg.teacher_eps), "train": (cfg.n_train, cfg.eps),
             "val": (cfg.n_val, cfg.eps), "test": (cfg.n_test, cfg.eps)}
 
 
-def build_data(cfg: DemoConfig, lay: Layout) -> dict[str, list[dict]]:
+def build_data(cfg, lay: Layout) -> dict[str, list[dict]]:
     items, splits = make_splits(cfg.seed, cfg.n_items, split_plan(cfg))
     lay.data.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         if not lay.split(name).is_file():
-            _write_jsonl(lay.split(name), rows)
+            write_jsonl(lay.split(name), rows)
     world = lay.data / "world.json"
     if not world.is_file():
         world.write_text(json.dumps({"items_lightest_first": items, "question": QUESTION,
@@ -447,7 +247,7 @@ def build_data(cfg: DemoConfig, lay: Layout) -> dict[str, list[dict]]:
     return splits
 
 
-def build_models(cfg: DemoConfig, lay: Layout, splits: dict[str, list[dict]]) -> None:
+def build_models(cfg, lay: Layout, splits: dict[str, list[dict]]) -> None:
     """Tokenizer (trained on the teacher and train prompts + answers) and the two untrained models."""
     from first_kd.tiny import build_llama, train_tokenizer
 
@@ -563,13 +363,14 @@ def demo_markdown(report: dict) -> str:
 
 
 def summary_text(report: dict) -> str:
-    rows = [("model", "accuracy", "ECE", "MCE", "Brier", "NLL", "mean conf.")]
+    """What the demo prints at the end: each model's scores, the temperature, the store and the checks."""
+    scores = [k for k in metrics.MODEL_SUMMARY_KEYS if k != "n"]
+    rows = [("model", *(SCORE_HEADINGS.get(k, k) for k in scores))]
     for label in MODEL_LABELS + ("bayes_optimal",):
         m = report["models"].get(label) or report.get(label)
         if not m:
             continue
-        rows.append((label, *(f"{m[k]:.4f}" if m.get(k) is not None else "n/a"
-                              for k in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence"))))
+        rows.append((label, *(f"{m[k]:.4f}" if m.get(k) is not None else "n/a" for k in scores)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["", f"first-kd demo: {report['title']} -> {report['out']}"]
     lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -589,81 +390,10 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_out_dir(cfg: DemoConfig, lay: Layout) -> None:
-    """Refuse a DIR holding something else: another demo's options, or files that are not a demo's."""
-    saved = lay.root / "demo.yaml"
-    if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
-        new = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
-        changed = sorted(k for k in set(old) | set(new) if k not in ("out", "threads") and old.get(k) != new.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
-            raise FirstKDError(f"--out {cfg.out} holds a demo run with other options ({diffs}): re-run with the same "
-                               "options to resume it, or choose another --out")
-    elif lay.root.is_dir() and any(lay.root.iterdir()):
-        raise FirstKDError(f"--out {cfg.out} is not empty and holds no demo run: choose a new or empty directory")
-
-
-def _run_step(step: Step, index: int, total: int, timings: dict) -> None:
-    from first_kd.cli import main
-
-    if step.done():
-        print(f"\n[{index}/{total}] done already, skipped: {step.shell}", flush=True)
-        return
-    print(f"\n[{index}/{total}] {step.shell}", flush=True)
-    started = time.perf_counter()
-    code = main(step.argv)
-    if code != 0:
-        first = f"{step.on_failure}; otherwise " if step.on_failure else ""
-        raise FirstKDError(f"step '{step.name}' failed (exit {code}); {first}fix the problem above and re-run the "
-                           "demo with the same options to resume")
-    timings[step.name] = round(time.perf_counter() - started, 2)
-
-
-def run_steps(cfg: DemoConfig, lay: Layout, steps: list[Step], setup: Callable[[], object]):
-    """What every suite does with its commands: refuse a foreign DIR, record the options and commands.sh,
-    run `setup` (the suite's data and untrained models), then each step not done yet, timing them.
-
-    Returns (what `setup` returned, {step name: seconds}); the timings also go to DIR/timings.json.
-    """
-    import torch
-
-    _check_out_dir(cfg, lay)
-    lay.root.mkdir(parents=True, exist_ok=True)
-    (lay.root / "demo.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    timings_path = lay.root / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
-        write_commands(lay.root / "commands.sh", cfg, steps)
-        total = len(steps) + 1
-        print(f"[1/{total}] data, tokenizer and untrained models in {lay.data} and {lay.models}", flush=True)
-        started = time.perf_counter()
-        built = setup()
-        timings.setdefault("setup", round(time.perf_counter() - started, 2))
-        for i, step in enumerate(steps, start=2):
-            _run_step(step, i, total, timings)
-            timings_path.write_text(json.dumps(timings, indent=2))
-    finally:
-        torch.set_num_threads(threads_before)
-    return built, timings
-
-
-def run_demo(cfg: DemoConfig) -> int:
+def run(cfg) -> int:
+    """`first-kd demo --suite calibration` with a resolved DemoConfig (first_kd.demo.main)."""
     from first_kd.store import verify
 
-    cfg = cfg.resolved()
-    if cfg.suite == "reasoning":
-        from first_kd.demo.reasoning import run_reasoning_demo
-
-        return run_reasoning_demo(cfg)
     lay = Layout(cfg.out)
 
     def setup() -> dict[str, list[dict]]:
@@ -676,7 +406,7 @@ def run_demo(cfg: DemoConfig) -> int:
     report_path = lay.root / "report.json"
     report = json.loads(report_path.read_text())
     # The report command keeps {label: record}; the demo has one fitted record, so it is given as such.
-    report["temperature"] = _store_temperature(lay.store("train"))
+    report["temperature"] = store_temperature(lay.store("train"))
     report["store"] = verify(lay.store("train"))
     report["wall_seconds"] = round(sum(timings.values()), 2)
     report["timings"] = timings

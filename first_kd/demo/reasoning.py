@@ -66,23 +66,52 @@ import json
 import random
 from pathlib import Path
 
-from first_kd.demo import calibration as demo
+from first_kd import metrics
 from first_kd.config import to_dict
-from first_kd.errors import FirstKDError
 from first_kd.data.rationale import with_cue
 from first_kd.data.traces import parse_levels
+from first_kd.demo import runner
+from first_kd.demo.runner import (Step, calibrated_from, read_json, require, run_steps, store_complete,
+                                  write_jsonl)
+from first_kd.errors import FirstKDError
 
 CUE = "Let's think step by step."
 QA_TEMPLATE = "Question: {question}\nAnswer:"
 EXTRACTOR = "hashes"
 # Room for the longest trace: digits + 1 lines of ~15 tokens, the answer line and the marker.
-_TOKENS_PER_STEP = 16
+TOKENS_PER_STEP = 16
 EVALUATED = ("teacher", "student_cot", "student_answers", "student_dual")
+# What the results keep of each mode of an evaluation: the model summary (a model that writes its own
+# answer has no NLL: first_kd.generation_eval) and what generation adds.
+MODE_KEYS = (*(k for k in metrics.MODEL_SUMMARY_KEYS if k != "nll"), "mean_generated_tokens", "no_answer_rate",
+             "chosen_modes")
 # A teacher trained too briefly (a CI-sized run) may get no sampled rationale right, or its samples may
 # never agree: the filter then keeps nothing and the demo stops there, saying what to change. Other
 # options are another run, so they need another --out.
 FILTER_FAILED = ("if it kept nothing, the teacher's rationales were too rarely right{} for this budget: re-run "
                  "with a new --out and more --teacher-steps or --samples{}")
+# The suite's values of the suite-dependent options of DemoConfig (first_kd.demo.main).
+DEFAULTS = dict(digits=3, n_teacher=2000, n_train=4000, n_val=300, n_test=500, vocab_size=300, teacher_hidden=128,
+                teacher_layers=4, student_hidden=96, student_layers=3, teacher_steps=700, teacher_lr=3e-3,
+                student_steps=800, student_lr=3e-3, samples=4, sample_temperature=1.5, agreement=0.75,
+                max_per_question=2, trace_levels="0,1")
+
+
+def check_options(cfg) -> None:
+    """The suite's own checks of a resolved DemoConfig (the shared ones are DemoConfig.validate's)."""
+    checks = [
+        (1 <= cfg.digits <= 9, f"--digits must be in 1..9; got {cfg.digits}"),
+        (cfg.samples >= 1, f"--samples must be >= 1; got {cfg.samples}"),
+        (cfg.sample_temperature > 0 or cfg.samples == 1, "--sample-temperature must be > 0 to draw several --samples"),
+        (0.0 < cfg.agreement <= 1.0, f"--agreement must be in (0, 1]; got {cfg.agreement}"),
+        (cfg.max_per_question >= 0, f"--max-per-question must be >= 0 (0 = no cap); got {cfg.max_per_question}"),
+        (cfg.k >= 1, f"--k must be >= 1; got {cfg.k}"),
+    ]
+    require(checks)
+    levels = parse_levels(cfg.trace_levels)
+    if 0.0 not in levels or 1.0 not in levels:
+        raise FirstKDError(f"--trace-levels {cfg.trace_levels} must include 0 (the full trace: slow mode) and "
+                           f"1 (answer only: fast mode)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,8 +171,8 @@ def make_splits(seed: int, digits: int, sizes: dict[str, int]) -> dict[str, list
 # ----------------------------------------------------------------------------------------------
 
 
-class Layout(demo.Layout):
-    """The calibration suite's layout plus the teacher's rationales and what the filters kept."""
+class Layout(runner.Layout):
+    """The shared layout plus the teacher's rationales and what the filters kept."""
 
     def __init__(self, out: str):
         super().__init__(out)
@@ -153,7 +182,7 @@ class Layout(demo.Layout):
 
 def pipeline(cfg, lay: Layout) -> list:
     teacher = lay.runs / "teacher" / "model"
-    max_new = _TOKENS_PER_STEP * (cfg.digits + 2)
+    max_new = TOKENS_PER_STEP * (cfg.digits + 2)
     common_train = ["--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
                     "--seed", str(cfg.seed), "--save-every", "0"]
     student_steps = ["--max-steps", str(cfg.student_steps)]
@@ -167,7 +196,7 @@ def pipeline(cfg, lay: Layout) -> list:
     cache_data = {"train": cot, "val": lay.split("val")}
     store = {"train": lay.store("train"), "val": lay.store("val")}
     sc = lay.filtered / "train_sc.jsonl"
-    steps = [demo.Step(
+    steps = [Step(
         "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
                     "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
                     "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
@@ -176,20 +205,20 @@ def pipeline(cfg, lay: Layout) -> list:
         "fine-tune the teacher on full addition traces")]
     sampling = ["--samples", str(cfg.samples)] + (["--temperature", str(cfg.sample_temperature)]
                                                   if cfg.samples > 1 else [])
-    steps.append(demo.Step(
+    steps.append(Step(
         "generate", ["generate", "--teacher", str(teacher), "--data", str(lay.split("train")), "--out", str(gen),
                      *sampling, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new), "--batch-size", "32",
                      "--seed", str(cfg.seed)],
         lambda: gen.is_file(),
         f"the teacher writes {cfg.samples} rationale(s) per train question"
         + (f", sampled at temperature {cfg.sample_temperature:g}" if cfg.samples > 1 else " (greedy)")))
-    steps.append(demo.Step(
+    steps.append(Step(
         "filter cot", ["filter", str(gen), "--method", "finetune-cot", "--max-per-question",
                        str(cfg.max_per_question), "--out", str(cot)],
         lambda: cot.is_file(),
         f"Fine-tune-CoT: keep rationales whose answer is the gold one, up to {cfg.max_per_question} diverse ones "
         "per question", on_failure=FILTER_FAILED.format("", "")))
-    steps.append(demo.Step(
+    steps.append(Step(
         "filter self-consistency", ["filter", str(gen), "--method", "self-consistency", "--threshold",
                                     str(cfg.agreement), "--final-answer-only", "--out", str(sc)],
         lambda: sc.is_file(),
@@ -197,30 +226,30 @@ def pipeline(cfg, lay: Layout) -> list:
         f"{cfg.agreement:g} of the samples agree (its report scores the pseudo-labels against the gold ones)",
         on_failure=FILTER_FAILED.format(" or agreed", ", or a lower --agreement")))
     for split in ("train", "val"):
-        steps.append(demo.Step(
+        steps.append(Step(
             f"cache {split}", ["cache", "--teacher", str(teacher), "--data", str(cache_data[split]), "--out",
                                str(store[split]), "--k", str(cfg.k)],
-            lambda s=split: demo._store_complete(store[s]),
+            lambda s=split: store_complete(store[s]),
             f"the teacher's top-{cfg.k} over " + ("the kept train rationales" if split == "train"
                                                   else "exact traces of the val problems")))
-    steps.append(demo.Step(
+    steps.append(Step(
         "calibrate", ["calibrate", "--store", str(store["train"]), "--val-store", str(store["val"]), "--form", cfg.form],
-        lambda: demo._calibrated_from(store["train"], store["val"]),
+        lambda: calibrated_from(store["train"], store["val"]),
         "fit the temperature on the val traces; recorded in the train store"))
-    steps.append(demo.Step(
+    steps.append(Step(
         "student cot", ["distill", "--student", str(lay.models / "student-init"), "--store", str(store["train"]),
                         "--loss", "first", "--other-bucket", "--out", str(lay.runs / "student_cot"), *common_train,
                         *student_steps],
         lambda: (lay.runs / "student_cot" / "summary.json").is_file(),
         "student distilled from the teacher's calibrated top-k over its filtered rationales; the other bucket "
         "makes it push down every token outside the top-k, which a student that generates needs"))
-    steps.append(demo.Step(
+    steps.append(Step(
         "student answers", ["distill", "--student", str(lay.models / "student-init"), "--data",
                             str(lay.split("answers")), "--loss", "ce", "--out", str(lay.runs / "student_answers"),
                             *common_train, *student_steps],
         lambda: (lay.runs / "student_answers" / "summary.json").is_file(),
         "baseline: student fine-tuned on the gold answers alone"))
-    steps.append(demo.Step(
+    steps.append(Step(
         "student dual", ["distill", "--student", str(lay.models / "student-init"), "--data", str(cot),
                          "--trace-levels", cfg.trace_levels, "--trace-seed", str(cfg.seed), "--loss", "ce",
                          "--out", str(lay.runs / "student_dual"), *common_train, *dual_steps],
@@ -232,13 +261,13 @@ def pipeline(cfg, lay: Layout) -> list:
     for label, model in models.items():
         modes = "slow,fast,auto" if label == "student_dual" else "auto"
         cue = ["--cue", ""] if label == "student_answers" else []
-        steps.append(demo.Step(
+        steps.append(Step(
             f"evaluate {label}", ["evaluate", "--model", str(model), "--data", str(lay.split("test")), "--modes",
                                   modes, *cue, "--extractor", EXTRACTOR, "--max-new-tokens", str(max_new),
                                   "--label", label, "--out", str(lay.evals / label)],
             lambda s=label: (lay.evals / s / "metrics.json").is_file(),
             f"{label} answers the test questions (greedy), modes {modes}"))
-    steps.append(demo.Step(
+    steps.append(Step(
         "report", ["report", ",".join(str(lay.evals / m) for m in EVALUATED), "--labels", ",".join(EVALUATED),
                    "--title", f"first-kd reasoning demo (seed {cfg.seed})", "--out", str(lay.root)],
         lambda: False,
@@ -255,7 +284,7 @@ def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
     lay.data.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         if not lay.split(name).is_file():
-            demo._write_jsonl(lay.split(name), rows)
+            write_jsonl(lay.split(name), rows)
     teacher_dir, student_dir = lay.models / "teacher-init", lay.models / "student-init"
     if (teacher_dir / "config.json").is_file() and (student_dir / "config.json").is_file():
         return splits
@@ -263,7 +292,7 @@ def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
     texts = ([r["prompt"] + r["response"] for r in splits["teacher"]]
              + [r["prompt"] + r["response"] for r in splits["answers"]] + ["[slow]\n[fast]\n"] * 100)
     tokenizer = train_tokenizer(texts, cfg.vocab_size, split_digits=True)
-    positions = 64 + _TOKENS_PER_STEP * (cfg.digits + 2)
+    positions = 64 + TOKENS_PER_STEP * (cfg.digits + 2)
     build_llama(teacher_dir, tokenizer, hidden_size=cfg.teacher_hidden, num_layers=cfg.teacher_layers,
                 num_heads=cfg.heads, max_position_embeddings=positions, seed=cfg.seed)
     build_llama(student_dir, tokenizer, hidden_size=cfg.student_hidden, num_layers=cfg.student_layers,
@@ -276,21 +305,15 @@ def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def collect(lay: Layout) -> dict:
     """Per model and mode: accuracy, ECE, mean generated tokens ...; the filters' reports."""
     models = {}
     for label in EVALUATED:
-        metrics = _read_json(lay.evals / label / "metrics.json")
-        models[label] = {mode: {k: m.get(k) for k in ("accuracy", "ece", "mce", "brier", "mean_confidence",
-                                                      "mean_generated_tokens", "no_answer_rate", "n",
-                                                      "chosen_modes") if k in m}
+        metrics = read_json(lay.evals / label / "metrics.json")
+        models[label] = {mode: {k: m.get(k) for k in MODE_KEYS if k in m}
                          for mode, m in (metrics.get("modes") or {}).items()}
-    filters = {name: _read_json(lay.filtered / f"{name}.filter.json") for name in ("train_cot", "train_sc")}
-    generated = _read_json(lay.generated / "train.meta.json").get("counts", {})
+    filters = {name: read_json(lay.filtered / f"{name}.filter.json") for name in ("train_cot", "train_sc")}
+    generated = read_json(lay.generated / "train.meta.json").get("counts", {})
     return {"models": models, "filters": filters, "generated": generated}
 
 
@@ -387,10 +410,10 @@ def summary_text(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_reasoning_demo(cfg) -> int:
-    """`first-kd demo --suite reasoning` with a resolved DemoConfig."""
+def run(cfg) -> int:
+    """`first-kd demo --suite reasoning` with a resolved DemoConfig (first_kd.demo.main)."""
     lay = Layout(cfg.out)
-    _, timings = demo.run_steps(cfg, lay, pipeline(cfg, lay), lambda: build_inputs(cfg, lay))
+    _, timings = run_steps(cfg, lay, pipeline(cfg, lay), lambda: build_inputs(cfg, lay))
 
     report_path = lay.root / "report.json"
     report = json.loads(report_path.read_text())
