@@ -3,6 +3,8 @@
 Right padding (`pad_right`) is what every forward pass over whole sequences uses (cache, evaluate,
 distill, answer-span scoring): positions keep their index, and the padding is masked out. Left padding
 (`pad_left`) is for generation, where every row's next token must sit in the same last column.
+`collate` turns training examples (first_kd.training) into one right-padded batch with the rows of
+their target positions, so the loss never needs [B, S, V] logits.
 """
 
 from __future__ import annotations
@@ -48,3 +50,43 @@ def length_batches(lengths: np.ndarray, batch_size: int):
     order = np.argsort(-np.asarray(lengths), kind="stable")
     for lo in range(0, len(order), batch_size):
         yield order[lo: lo + batch_size]
+
+
+def collate(examples: list[dict], pad_id: int, use_teacher: bool) -> dict:
+    """Right-pad a list of training examples (first_kd.training) into one batch.
+
+    Returns tensors:
+        input_ids [B, S] long, attention_mask [B, S] long,
+        rows [N] long: index into the flattened [B * S] hidden states of each target position,
+        targets [N] long: the token each target position must predict,
+        first_row [B] long: the row of each sequence's first target (the answer of a multiple-choice item),
+        teacher_ids [N, k] long and teacher_probs [N, k'] float32 when use_teacher, else None,
+        answer_index [B], n_choices [B] long, n_tokens: int (non-pad tokens).
+    """
+    input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
+    width = input_ids.shape[1]
+    rows, targets, first_row = [], [], []
+    n_rows = 0
+    for b, e in enumerate(examples):
+        pos = torch.as_tensor(e["target_positions"], dtype=torch.long)
+        rows.append(b * width + pos)
+        targets.append(input_ids[b, pos + 1])
+        first_row.append(n_rows)
+        n_rows += len(pos)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "rows": torch.cat(rows),
+        "targets": torch.cat(targets),
+        "first_row": torch.tensor(first_row, dtype=torch.long),
+        "answer_index": torch.tensor([e["answer_index"] for e in examples], dtype=torch.long),
+        "n_choices": torch.tensor([e["n_choices"] for e in examples], dtype=torch.long),
+        "n_tokens": int(attention_mask.sum()),
+        "teacher_ids": None,
+        "teacher_probs": None,
+    }
+    if use_teacher:
+        batch["teacher_ids"] = torch.cat([torch.as_tensor(e["topk_ids"], dtype=torch.long) for e in examples])
+        batch["teacher_probs"] = torch.cat([torch.as_tensor(e["teacher_probs"], dtype=torch.float32)
+                                            for e in examples])
+    return batch

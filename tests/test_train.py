@@ -30,6 +30,7 @@ import torch
 import yaml
 
 import first_kd.commands.distill as train_mod
+import first_kd.training as training_mod
 from first_kd.errors import FirstKDError
 from first_kd.commands.distill import DistillConfig, run_distill
 
@@ -337,7 +338,7 @@ def test_grad_accumulation_equals_one_big_batch(world, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypatch):
-    real_loss = train_mod.chunked_distillation_loss
+    real_loss = training_mod.chunked_distillation_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):  # one micro-batch per step: call 5 is step 5
@@ -347,13 +348,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path, monkeypa
 
     options = dict(max_steps=8, schedule="constant", save_every=2)
     out = tmp_path / "nan"
-    monkeypatch.setattr(train_mod, "chunked_distillation_loss", poisoned)
+    monkeypatch.setattr(training_mod, "chunked_distillation_loss", poisoned)
     with pytest.raises(FirstKDError) as e:
         run_distill(_cfg(world, out, **options))
     message = str(e.value)
     assert "\n" not in message and "nan" in message and "step 5" in message
     assert "step-00000004" in message
-    monkeypatch.setattr(train_mod, "chunked_distillation_loss", real_loss)
+    monkeypatch.setattr(training_mod, "chunked_distillation_loss", real_loss)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]
     assert not (out / "model").exists() and not (out / "summary.json").exists()
 

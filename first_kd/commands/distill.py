@@ -6,6 +6,9 @@ One straight training loop, nanoGPT style:
     each step: batch_size x grad_accum sequences, right-padded, body forward -> hidden states gathered
     at the target positions only -> chunked loss against the head weight -> backward -> clip -> AdamW
 
+The loop is `_train` below; its building blocks (examples, the target-position loss, validation,
+checkpoints) are first_kd.training, batching is first_kd.batching.collate.
+
 Losses (`--loss`):
   * first: forward KL to the teacher's top-k distribution *after the store's recorded temperature*
     (`first-kd calibrate` writes it). A store with no temperature record makes `first` equal to `kd`:
@@ -49,7 +52,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -57,26 +59,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import yaml
 
+from first_kd.batching import collate
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
 from first_kd.files import write_text_atomic
+from first_kd.models import ModelOptions
 from first_kd.outputs import (STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff,
                               writable_parent)
-from first_kd.scoring import options_from_logits
-from first_kd.losses import chunked_distillation_loss, distillation_loss
-from first_kd.models import ModelOptions, last_hidden_states
-from first_kd.temperature import distribution_from_record
+from first_kd.temperature import describe
+from first_kd.training import (DataExamples, Prefix, StoreExamples, TargetPositionLoss, checkpoint_dir,
+                               clear_interrupted_saves, epoch_permutation, list_checkpoints, load_checkpoint,
+                               param_groups, save_checkpoint, save_final_model, to_device, validate)
 
 # Options that change how a run is observed or saved, not what it computes: a resumed run may change them.
 RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "keep_checkpoints")
 
-CHECKPOINT_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 # What a run writes into OUT, summary.json (the mark of a finished run) last: --overwrite replaces these only.
 RUN_ENTRIES = (".model.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "model", "summary.json")
 
@@ -158,237 +159,367 @@ class DistillConfig(ModelOptions, DataConfig):
                 raise FirstKDError(message)
 
 
-def _warn(message: str) -> None:
-    print(f"first-kd distill: warning: {message}", file=sys.stderr)
-
-
-def _warn_generative_store(data: dict, cfg: "DistillConfig") -> None:
-    """Two ways a KL student over free-text targets can learn the wrong thing, told before training."""
-    if data.get("format") == "prompt-response" and not cfg.other_bucket and cfg.alpha == 0:
-        # Measured on the reasoning demo: a student trained this way fits the training rationales yet writes
-        # stray tokens when it generates, because nothing pushed their logits down.
-        _warn("the renormalised top-k KL constrains only the teacher's top-k ids, so a student that generates "
-              "free text can put mass anywhere else: add --other-bucket (FIRST's (k+1)-th bucket) or --alpha > 0")
-    levels = data.get("trace_levels")
-    if levels and any(0 < level < 1 for level in levels):
-        _warn("this store holds traces with dropped steps: after a skip the teacher's top-k predicts the step it "
-              "expected, not the variant's next one; train dual-mode students with --loss ce (or a CE mix)")
-
-
-def _say(message: str) -> None:
-    print(f"first-kd distill: {message}", file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------
-# Examples: one dict per sequence, from a store or from tokenized data
-# ----------------------------------------------------------------------------------------------
-# Each example: input_ids int64 [L], target_positions int64 [n] (logits at t predict input_ids[t+1]),
-# and for store examples topk_ids int64 [n, k] + teacher_probs float32 [n, k or k+1];
-# answer_index / n_choices for multiple-choice data (-1 / 0 otherwise).
-
-
-class StoreExamples:
-    """A teacher store as training examples, with the teacher distribution after `temperature`
-    (a store temperature record; {} = none), computed by first_kd.temperature."""
-
-    def __init__(self, store, temperature: dict, other_bucket: bool):
-        self.store = store
-        self.temperature = temperature
-        self.other_bucket = other_bucket
-
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, i: int) -> dict:
-        rec = self.store.get(int(i), temperature=False)
-        teacher_probs = distribution_from_record(torch.from_numpy(rec["topk_logprobs"]), self.temperature,
-                                                 self.other_bucket)
-        return {
-            "input_ids": rec["input_ids"],
-            "target_positions": rec["target_positions"],
-            "topk_ids": rec["topk_ids"],
-            "teacher_probs": teacher_probs,
-            "answer_index": int(rec.get("answer_index", -1)),
-            "n_choices": int(rec.get("n_choices", 0)),
-        }
-
-
-class DataExamples:
-    """Tokenized records from first_kd.data: the targets are input_ids[target_start:]."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.dataset[int(i)]
-        ids = np.asarray(row["input_ids"], dtype=np.int64)
-        return {
-            "input_ids": ids,
-            "target_positions": np.arange(int(row["target_start"]) - 1, len(ids) - 1, dtype=np.int64),
-            "topk_ids": None,
-            "teacher_probs": None,
-            "answer_index": int(row.get("answer_index", -1)),
-            "n_choices": int(row.get("n_choices", 0)),
-        }
-
-
-def collate(examples: list[dict], pad_id: int, use_teacher: bool) -> dict:
-    """Right-pad a list of examples into one batch.
-
-    Returns tensors:
-        input_ids [B, S] long, attention_mask [B, S] long,
-        rows [N] long: index into the flattened [B * S] hidden states of each target position,
-        targets [N] long: the token each target position must predict,
-        first_row [B] long: the row of each sequence's first target (the answer of a multiple-choice item),
-        teacher_ids [N, k] long and teacher_probs [N, k'] float32 when use_teacher, else None,
-        answer_index [B], n_choices [B] long, n_tokens: int (non-pad tokens).
-    """
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    rows, targets, first_row = [], [], []
-    n_rows = 0
-    for b, e in enumerate(examples):
-        ids = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        pos = torch.as_tensor(e["target_positions"], dtype=torch.long)
-        input_ids[b, : len(ids)] = ids
-        attention_mask[b, : len(ids)] = 1
-        rows.append(b * width + pos)
-        targets.append(ids[pos + 1])
-        first_row.append(n_rows)
-        n_rows += len(pos)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "rows": torch.cat(rows),
-        "targets": torch.cat(targets),
-        "first_row": torch.tensor(first_row, dtype=torch.long),
-        "answer_index": torch.tensor([e["answer_index"] for e in examples], dtype=torch.long),
-        "n_choices": torch.tensor([e["n_choices"] for e in examples], dtype=torch.long),
-        "n_tokens": int(attention_mask.sum()),
-        "teacher_ids": None,
-        "teacher_probs": None,
-    }
-    if use_teacher:
-        batch["teacher_ids"] = torch.cat([torch.as_tensor(e["topk_ids"], dtype=torch.long) for e in examples])
-        batch["teacher_probs"] = torch.cat([torch.as_tensor(e["teacher_probs"], dtype=torch.float32)
-                                            for e in examples])
-    return batch
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the n examples in `epoch`: a pure function of (seed, epoch), so a resumed run
-    finds its place from the step number alone."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model: hidden states at target positions only, loss against the output head
+# The command: run directory checks, then the training loop
 # ----------------------------------------------------------------------------------------------
 
 
-def target_hidden(model, batch: dict) -> torch.Tensor:
-    """Last hidden states at the batch's target positions: [N, H]. Never builds [B, S, V] logits."""
-    hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
-    return hidden.flatten(0, 1).index_select(0, batch["rows"])
+def run_distill(cfg: DistillConfig) -> int:
+    """Train (or resume) the run in --out; the same command on a finished run is a no-op. With --overwrite
+    on a directory holding a run, the new run is built beside it and replaces it only once finished (see
+    the module docstring); a failure removes the partial new run and leaves the old one as it was."""
+    out = Path(cfg.out)
+    writable_parent(out)  # before the student loads: a read-only or blocked --out costs nothing
+    check_run_dir(out, cfg)
+    if not cfg.overwrite and (out / "summary.json").is_file():
+        return _finished_already(out, cfg)
+    work = staging_dir_for(out) if cfg.overwrite and holds_run(out) else out
+    try:
+        return _train(cfg, out, work)
+    except BaseException as e:
+        if work != out:
+            shutil.rmtree(work, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the run
+            raise OSError(e.errno, e.strerror or str(e), str(work)) from None
+        raise
 
 
-class TargetPositionLoss(torch.nn.Module):
-    """The student plus its loss as one module, so DDP and accelerate's autocast wrap the whole
-    forward (body, gather and loss) rather than only the causal LM's own forward, which we bypass."""
+def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
+    """The training run: everything is written into `work` (OUT itself, or the staging directory of an
+    --overwrite); `out` is where the finished run ends up."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
 
-    def __init__(self, model, alpha: float, other_bucket: bool, label_smoothing: float, chunk_size: int):
-        super().__init__()
-        self.model = model
-        self.alpha, self.other_bucket = alpha, other_bucket
-        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+    accelerator = _accelerator(cfg.mixed_precision)
+    main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    set_seed(cfg.seed)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Summed (not averaged) loss over the batch's target positions: a scalar."""
-        hidden = target_hidden(self.model, batch)
-        head = self.model.get_output_embeddings()
-        return chunked_distillation_loss(
-            hidden, head.weight, batch["targets"],
-            teacher_ids=batch["teacher_ids"], teacher_probs=batch["teacher_probs"],
-            alpha=self.alpha, other_bucket=self.other_bucket, label_smoothing=self.label_smoothing,
-            chunk_size=self.chunk_size, reduction="sum", head_bias=getattr(head, "bias", None),
-        )
+    # --- student, examples, schedule ---------------------------------------------------------------
+    model, tokenizer = load_student(cfg, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    use_teacher = cfg.loss in ("first", "kd")
+    train, temperature = _training_examples(cfg, tokenizer, model, use_teacher)
+    val, val_teacher, val_choice_ids = _validation_examples(cfg, tokenizer, model, temperature, use_teacher)
+    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
+    steps_per_epoch = math.ceil(len(train) / step_examples)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    loss_module, optimizer, scheduler, warmup_steps = _optimization(cfg, model, total_steps, accelerator)
+    student = accelerator.unwrap_model(loss_module).model
+    start_step, last_good = _start(work, out, cfg, accelerator, student, optimizer, scheduler, total_steps)
+    metrics_path = work / "metrics.jsonl"
+    if main:
+        _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
+             f"{step_examples} sequences, lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
+             f"mixed precision {accelerator.mixed_precision}, device {device}")
+    writer = _summary_writer(work) if main else None
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+
+    # --- the loop ----------------------------------------------------------------------------------
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"distill ({cfg.loss})", disable=not main,
+               dynamic_ncols=True)
+    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
+    last_record: dict = {}
+    perm, perm_epoch = None, -1
+    try:
+        for step in range(start_step, total_steps):
+            # This step's sequences (a slice of the epoch's permutation), this process's share, in micro-batches.
+            epoch, index_in_epoch = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = epoch_permutation(len(train), cfg.seed, epoch), epoch
+            mine = perm[index_in_epoch * step_examples:][:step_examples][accelerator.process_index::world]
+            micro = [collate([train[i] for i in mine[j: j + cfg.batch_size]], pad_id, use_teacher)
+                     for j in range(0, len(mine), cfg.batch_size)]
+            step_loss, grad_norm, lr = _optimizer_step(micro, accelerator, loss_module, optimizer, scheduler, params,
+                                                       cfg.max_grad_norm,
+                                                       (work, step, cfg.lr, last_good if work == out else None))
+            done, is_last = step + 1, step + 1 == total_steps
+
+            # A line of metrics.jsonl every --log-every steps: the mean loss and the throughput since the last.
+            window_loss, window_steps = window_loss + step_loss, window_steps + 1
+            window_tokens += sum(b["n_tokens"] for b in micro)
+            tokens_per_s = window_tokens * world / max(time.perf_counter() - window_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            record = {}
+            if done % cfg.log_every == 0 or is_last:
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": window_loss / window_steps,
+                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
+                window_loss, window_steps, window_tokens = 0.0, 0, 0
+            if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+                # On the main process only (the others wait): held-out sets are small next to training.
+                metrics = _validate(cfg, student, val, val_teacher, val_choice_ids, pad_id, device) if main else {}
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **record, **metrics}
+                if main and metrics:
+                    bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}, accuracy "
+                              f"{metrics.get('val_accuracy', float('nan')):.4f}, ECE {metrics.get('val_ece', float('nan')):.4f}")
+                accelerator.wait_for_everyone()
+            if record:
+                if main:
+                    _log(metrics_path, writer, record)
+                last_record = record
+
+            # A checkpoint every --save-every steps. The last step is saved as OUT/model; its optimizer
+            # state only when asked to keep it.
+            periodic = cfg.save_every and done % cfg.save_every == 0 and not is_last
+            if periodic or (is_last and cfg.keep_checkpoints):
+                last_good = _checkpoint(work, done, accelerator, student, optimizer, scheduler)
+            if record:  # the next window's throughput counts training only, not validation or saving
+                window_start = time.perf_counter()
+    finally:
+        bar.close()  # also when a divergence error leaves the loop
+
+    # --- output --------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if main:
+        _finish(work, out, cfg, student, tokenizer, {"finished": True, "steps": total_steps, "loss": cfg.loss,
+                "temperature": temperature, "examples": len(train), "final": last_record}, writer)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _optimizer_step(micro: list[dict], accelerator, loss_module, optimizer, scheduler, params, max_grad_norm: float,
+                    where: tuple) -> tuple[float, float, float]:
+    """Forward/backward over this process's micro-batches, clip, one optimizer step: (loss, grad norm, lr).
+    `where` = (run dir, step, --lr, last good checkpoint) names the place in a divergence error."""
+    world, device = accelerator.num_processes, accelerator.device
+    # Normalise by the target count of the whole accumulated step (all processes), not per
+    # micro-batch: that is what makes accumulation equal one big batch. DDP averages gradients
+    # over processes, hence the factor `world`.
+    n_targets = torch.tensor(sum(len(b["targets"]) for b in micro), device=device)
+    total_targets = int(accelerator.reduce(n_targets, reduction="sum")) if world > 1 else int(n_targets)
+    scale = world / max(total_targets, 1)
+
+    step_loss_sum = torch.zeros((), device=device)
+    for j, batch in enumerate(micro):
+        batch = to_device(batch, device)
+        # Gradients are all-reduced only after the last micro-batch.
+        sync = accelerator.no_sync(loss_module) if j < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            loss = loss_module(batch) * scale
+            accelerator.backward(loss)
+        step_loss_sum += loss.detach()
+    # Checked before the optimizer step, so a NaN never reaches the weights (one sync per step).
+    step_loss = step_loss_sum.item() / world
+    if not math.isfinite(step_loss):
+        raise _diverged(*where[:2], step_loss, *where[2:])
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
+    if not math.isfinite(grad_norm):
+        raise _diverged(*where[:2], grad_norm, *where[2:], what="gradient norm")
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum"))
+    return step_loss, grad_norm, lr
+
+
+def _diverged(out: Path, step: int, value: float, lr: float, last_good: Optional[Path],
+              what: str = "loss") -> FirstKDError:
+    kept = (f"the last good checkpoint is {last_good} (re-running resumes from it)" if last_good is not None
+            else "no checkpoint was saved yet")
+    return FirstKDError(f"{what} became {value} at step {step + 1}: training stopped, {kept}; lower --lr "
+                        f"(now {lr:g}) or --max-grad-norm, or check the data")
+
+
+def _validate(cfg: DistillConfig, student, val, use_teacher: bool, choice_token_ids: list[int], pad_id: int,
+              device) -> dict:
+    """The val_* numbers of held-out examples, measured with the run's loss options."""
+    return validate(student, val, pad_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, alpha=cfg.alpha,
+                    other_bucket=cfg.other_bucket, label_smoothing=cfg.label_smoothing, use_teacher=use_teacher,
+                    choice_token_ids=choice_token_ids, device=device)
+
+
+def _log(metrics_path: Path, writer, record: dict) -> None:
+    """One line of metrics.jsonl (and the scalars to tensorboard when it is there)."""
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+
+
+def _checkpoint(work: Path, step: int, accelerator, student, optimizer, scheduler) -> Path:
+    """Save step `step`'s checkpoint (main process; the others wait) and return its path."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(work, step, student, optimizer, scheduler)
+    accelerator.wait_for_everyone()
+    return checkpoint_dir(work, step)
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation
+# Setup: accelerator, student, examples, optimizer, the run directory at start and at the end
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model, examples, pad_id: int, cfg: DistillConfig, use_teacher: bool, choice_token_ids: list[int],
-             device) -> dict:
-    """Loss, accuracy and calibration on held-out examples.
+def _accelerator(mixed_precision: str):
+    """A fresh Accelerator (`auto` precision: bf16 autocast on a GPU that supports it, else fp32)."""
+    from accelerate import Accelerator
 
-    val_loss is the training objective when the held-out set has the teacher (a store), else CE;
-    val_ce is always the CE of the target tokens. Multiple-choice data (choice_token_ids given):
-    accuracy / ECE at the answer position with the probabilities renormalised over the option letters
-    of each item. Otherwise token-level: top-1 over the whole vocabulary at every target position.
-    """
-    from first_kd.metrics import CalibrationAccumulator
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
+    # a pipeline calling run_distill twice in one process (the demo, tests) must be able to. The
+    # distributed part (PartialState) is kept: it is the same process group either way.
+    try:
+        from accelerate.state import AcceleratorState
 
-    was_training = model.training
-    model.eval()
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    acc = CalibrationAccumulator()
-    mcqa = bool(choice_token_ids)
-    choice_ids = torch.tensor(choice_token_ids, dtype=torch.long, device=device) if mcqa else None
-    loss_sum = ce_sum = 0.0
-    n_rows = 0
-    for start in range(0, len(examples), cfg.batch_size):
-        batch = collate([examples[i] for i in range(start, min(start + cfg.batch_size, len(examples)))],
-                        pad_id, use_teacher)
-        batch = _to_device(batch, device)
-        hidden = target_hidden(model, batch)  # [N, H]
-        for lo in range(0, hidden.shape[0], cfg.chunk_size):
-            sl = slice(lo, lo + cfg.chunk_size)
-            logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()  # [c, V]
-            targets = batch["targets"][sl]
-            loss_sum += float(distillation_loss(
-                logits, targets,
-                teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
-                teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
-                alpha=cfg.alpha, other_bucket=cfg.other_bucket, label_smoothing=cfg.label_smoothing,
-                reduction="sum"))
-            ce_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            if not mcqa:
-                probs = torch.softmax(logits, dim=-1)
-                conf, pred = probs.max(dim=-1)
-                acc.update_confidence(conf.cpu().numpy(), (pred == targets).cpu().numpy(),
-                                      probs.gather(1, targets[:, None])[:, 0].cpu().numpy())
-        n_rows += hidden.shape[0]
-        if mcqa:
-            answer_hidden = hidden.index_select(0, batch["first_row"])  # [B, H]
-            logits = torch.nn.functional.linear(answer_hidden, weight[choice_ids],
-                                                None if bias is None else bias[choice_ids]).float()  # [B, C]
-            probs = options_from_logits(logits, batch["n_choices"].clamp(min=1, max=len(choice_token_ids)))
-            acc.update(probs.cpu().numpy(), batch["answer_index"].cpu().numpy())
-    if was_training:
-        model.train()
-    summary = acc.compute()
-    result = {"val_loss": loss_sum / max(n_rows, 1), "val_ce": ce_sum / max(n_rows, 1)}
-    for key in ("accuracy", "ece", "mce", "brier", "nll", "mean_confidence", "n"):
-        if key in summary:
-            result[f"val_{key}"] = summary[key]
-    result["val_level"] = "answer" if mcqa else "token"
-    return result
+        AcceleratorState._reset_state(reset_partial_state=False)
+    except (ImportError, AttributeError):
+        pass
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def load_student(cfg: DistillConfig, device):
+    """Student model (in train mode) and tokenizer, with the shared one-line load errors."""
+    from first_kd.models import load_model, load_tokenizer, resolve_dtype
+
+    tokenizer = load_tokenizer(cfg.student, cfg.revision, cfg.trust_remote_code)
+    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device, cfg.revision,
+                       cfg.trust_remote_code)
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        raise FirstKDError(f"{type(model).__name__} transforms its logits after the output head (soft-capping "
+                           "or scaling), which the target-position loss does not reproduce: use another student")
+    if model.get_output_embeddings() is None:
+        raise FirstKDError(f"{type(model).__name__} has no output head: use a causal LM (AutoModelForCausalLM)")
+    return model.train(), tokenizer
+
+
+def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
+    """(training examples, the temperature record applied to the teacher: {} for none)."""
+    temperature = {}
+    if use_teacher or not cfg.data:
+        store = _open_store(cfg.store, tokenizer, model)
+        temperature = store.temperature if cfg.loss == "first" else {}
+        if cfg.loss == "first" and not temperature:
+            _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
+                  "`first-kd calibrate` on it first to distil calibrated targets (proceeding uncalibrated)")
+        train = StoreExamples(store, temperature, cfg.other_bucket)
+        if use_teacher:
+            _warn_generative_store(store.attrs.get("data") or {}, cfg)
+        if cfg.data:
+            _warn(f"--data {cfg.data} is not used: --loss {cfg.loss} trains on the tokens of --store")
+    else:
+        if cfg.store:
+            _say(f"--loss ce trains on --data {cfg.data}; --store {cfg.store} is not used")
+        train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit)
+    if len(train) == 0:
+        raise FirstKDError("no training examples: check --data / --store and --limit")
+    return train, temperature
+
+
+def _validation_examples(cfg: DistillConfig, tokenizer, model, temperature: dict, use_teacher: bool):
+    """(held-out examples or None, whether they carry the teacher, the option-letter ids of MCQA data)."""
+    if cfg.val_store:
+        val_store = _open_store(cfg.val_store, tokenizer, model)
+        # Validate against the same targets as training: the training store's temperature for `first`.
+        val = StoreExamples(val_store, temperature, cfg.other_bucket)
+        return (Prefix(val, cfg.val_limit) if cfg.val_limit else val), use_teacher, val_store.choice_token_ids
+    if cfg.val_data:
+        val, choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split, cfg.val_limit)
+        return val, False, choice_ids
+    return None, False, []
+
+
+def _open_store(path: str, tokenizer, model):
+    from first_kd.store import check_tokenizer, open_store
+
+    store = open_store(path)
+    check_tokenizer(store, tokenizer, model_vocab_size=model.get_output_embeddings().weight.shape[0])
+    return store
+
+
+def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) -> tuple[DataExamples, list[int]]:
+    from first_kd.data import prepare_dataset
+
+    dcfg = dataclasses.replace(cfg, data=data, split=split, limit=limit)
+    dataset, info = prepare_dataset(dcfg, tokenizer)
+    if info.get("n_truncated"):
+        _warn(f"{info['n_truncated']} of {len(dataset)} records of {data} were truncated to --max-length "
+              f"{cfg.max_length}")
+    choice_ids = list(info.get("choice_token_ids") or []) if info.get("format") == "mcqa" else []
+    return DataExamples(dataset), choice_ids
+
+
+def _optimization(cfg: DistillConfig, model, total_steps: int, accelerator):
+    """(loss module and optimizer, both prepared by accelerate; the scheduler; the warmup steps)."""
+    from transformers import get_scheduler
+
+    warmup_steps = int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    schedule = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+    # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    return loss_module, optimizer, scheduler, warmup_steps
+
+
+def _summary_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _start(work: Path, out: Path, cfg: DistillConfig, accelerator, model, optimizer, scheduler,
+           total_steps: int) -> tuple[int, Optional[Path]]:
+    """Make the run directory ready and resume from its newest checkpoint: (first step, that checkpoint).
+    A staged --overwrite run (work != out) always starts afresh."""
+    main = accelerator.is_main_process
+    if main and work != out:
+        clear_stale(out.resolve())  # what an earlier --overwrite left when it was killed
+    accelerator.wait_for_everyone()
+    work.mkdir(parents=True, exist_ok=True)
+    metrics_path = work / "metrics.jsonl"
+    if main:
+        if not (work / "config.yaml").exists():
+            save_yaml(cfg, work / "config.yaml")
+        clear_interrupted_saves(work)  # a checkpoint save a kill interrupted
+    accelerator.wait_for_everyone()
+    checkpoints = list_checkpoints(work) if work == out else []
+    last_good = checkpoints[-1] if checkpoints else None
+    start_step = 0
+    if last_good is not None:
+        start_step = load_checkpoint(last_good, model, optimizer, scheduler)
+        if main:
+            _truncate_metrics(metrics_path, start_step)
+            _say(f"resuming from {last_good} (step {start_step} of {total_steps})")
+    elif main:
+        metrics_path.unlink(missing_ok=True)
+    return start_step, last_good
+
+
+def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summary: dict, writer) -> None:
+    """Main process: the final model and summary.json (last), then a staged run replaces the old one."""
+    save_final_model(work, student, tokenizer)
+    summary = {**summary, "model": str(out / "model")}
+    write_text_atomic(work / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(work / "checkpoints", ignore_errors=True)
+    if writer is not None:
+        writer.close()
+    if work != out:
+        crash_point("distill:before-replace")
+        replace_run(work, out)
+    _say(f"done: {summary['steps']} steps; model in {out / 'model'}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Run directory: config check, checkpoints, final model
+# The run directory: one run per directory, the no-op re-run, --overwrite's replacement
 # ----------------------------------------------------------------------------------------------
 
 
@@ -446,12 +577,6 @@ def replace_run(new: Path, out: Path) -> None:
     shutil.rmtree(new, ignore_errors=True)
 
 
-def _temperature_words(record: Optional[dict]) -> str:
-    if not record:
-        return "none"
-    return f"{record.get('form')} {record.get('value')}"
-
-
 def _finished_already(out: Path, cfg: DistillConfig) -> int:
     """The re-run of a finished run: a no-op, unless `first`'s store has been calibrated again since."""
     from first_kd.store import open_store
@@ -466,90 +591,9 @@ def _finished_already(out: Path, cfg: DistillConfig) -> int:
         key = ("form", "value")
         if now is not None and [now.get(k) for k in key] != [then.get(k) for k in key]:
             raise FirstKDError(f"{out} holds a run trained with the temperature of {cfg.store} at the time "
-                               f"({_temperature_words(then)}), which now records {_temperature_words(now)}: pass "
+                               f"({describe(then)}), which now records {describe(now)}: pass "
                                "--overwrite to train with the new one, or choose another --out")
     return say_done("distill", out, f"a finished run ({done.get('steps')} steps, model in {out / 'model'})")
-
-
-def _write_failed(path: Path, error: Exception) -> Exception:
-    """The error to raise when writing `path` failed. torch and safetensors report a full disk as a
-    RuntimeError / SafetensorError, not an OSError: both become one line naming the file."""
-    if isinstance(error, OSError):
-        return error
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
-    return FirstKDError(f"could not write {path} ({reason}): free disk space or make the directory writable, then "
-                        "re-run the same command (complete checkpoints and finished outputs were left as they were)")
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temp dir of an interrupted save is never one of them)."""
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and (p / "trainer_state.pt").is_file() and (p / "model.safetensors").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
-    """Write step N's checkpoint atomically: fill a temp dir, fsync, rename, then drop older ones."""
-    from safetensors.torch import save_model
-
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "trainer_state.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays
-        raise _write_failed(tmp, e) from None
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    for old in list_checkpoints(out):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint; return its step."""
-    from safetensors.torch import load_model
-
-    try:
-        load_model(model, str(path / "model.safetensors"))
-        # Our own file (optimizer state and RNG tuples are not plain tensors), so a full unpickle.
-        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except Exception as e:
-        raise FirstKDError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); delete it to resume "
-                           "from an older one, or start over with --overwrite") from None
-    _set_rng_state(state["rng"])
-    return int(state["step"])
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -566,398 +610,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def save_final_model(out: Path, model, tokenizer) -> Path:
-    """save_pretrained into a temp dir, then swap it in, so OUT/model is never half written."""
-    tmp, final = out / ".model.tmp", out / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_failed(tmp, e) from None
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
 # ----------------------------------------------------------------------------------------------
-# Setup helpers
+# Messages
 # ----------------------------------------------------------------------------------------------
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+def _say(message: str) -> None:
+    print(f"first-kd distill: {message}", file=sys.stderr)
 
 
-def _forget_previous_accelerator() -> None:
-    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision;
-    # a pipeline calling run_distill twice in one process (the demo, tests) must be able to. The
-    # distributed part (PartialState) is kept: it is the same process group either way.
-    try:
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=False)
-    except (ImportError, AttributeError):
-        pass
+def _warn(message: str) -> None:
+    print(f"first-kd distill: warning: {message}", file=sys.stderr)
 
 
-def load_student(cfg: DistillConfig, device):
-    """Student model (in train mode) and tokenizer, with the shared one-line load errors."""
-    from first_kd.models import load_model, load_tokenizer, resolve_dtype
-
-    tokenizer = load_tokenizer(cfg.student, cfg.revision, cfg.trust_remote_code)
-    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device, cfg.revision,
-                       cfg.trust_remote_code)
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        raise FirstKDError(f"{type(model).__name__} transforms its logits after the output head (soft-capping "
-                           "or scaling), which the target-position loss does not reproduce: use another student")
-    if model.get_output_embeddings() is None:
-        raise FirstKDError(f"{type(model).__name__} has no output head: use a causal LM (AutoModelForCausalLM)")
-    return model.train(), tokenizer
-
-
-def _open_store(path: str, tokenizer, model):
-    from first_kd.store import check_tokenizer, open_store
-
-    store = open_store(path)
-    check_tokenizer(store, tokenizer, model_vocab_size=model.get_output_embeddings().weight.shape[0])
-    return store
-
-
-def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) -> tuple[DataExamples, list[int]]:
-    from first_kd.data import prepare_dataset
-
-    dcfg = dataclasses.replace(cfg, data=data, split=split, limit=limit)
-    dataset, info = prepare_dataset(dcfg, tokenizer)
-    if info.get("n_truncated"):
-        _warn(f"{info['n_truncated']} of {len(dataset)} records of {data} were truncated to --max-length "
-              f"{cfg.max_length}")
-    choice_ids = list(info.get("choice_token_ids") or []) if info.get("format") == "mcqa" else []
-    return DataExamples(dataset), choice_ids
-
-
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    # Decay matrices (embeddings, projections) only: decaying norm gains and biases only hurts (nanoGPT).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _summary_writer(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------
-
-
-def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
-    """(training examples, the temperature record applied to the teacher: {} for none)."""
-    temperature = {}
-    if use_teacher or not cfg.data:
-        store = _open_store(cfg.store, tokenizer, model)
-        temperature = store.temperature if cfg.loss == "first" else {}
-        if cfg.loss == "first" and not temperature:
-            _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
-                  "`first-kd calibrate` on it first to distil calibrated targets (proceeding uncalibrated)")
-        train = StoreExamples(store, temperature, cfg.other_bucket)
-        if use_teacher:
-            _warn_generative_store(store.attrs.get("data") or {}, cfg)
-        if cfg.data:
-            _warn(f"--data {cfg.data} is not used: --loss {cfg.loss} trains on the tokens of --store")
-    else:
-        if cfg.store:
-            _say(f"--loss ce trains on --data {cfg.data}; --store {cfg.store} is not used")
-        train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit)
-    if len(train) == 0:
-        raise FirstKDError("no training examples: check --data / --store and --limit")
-    return train, temperature
-
-
-def _validation_examples(cfg: DistillConfig, tokenizer, model, temperature: dict, use_teacher: bool):
-    """(held-out examples or None, whether they carry the teacher, the option-letter ids of MCQA data)."""
-    if cfg.val_store:
-        val_store = _open_store(cfg.val_store, tokenizer, model)
-        # Validate against the same targets as training: the training store's temperature for `first`.
-        val = StoreExamples(val_store, temperature, cfg.other_bucket)
-        return (_Subset(val, cfg.val_limit) if cfg.val_limit else val), use_teacher, val_store.choice_token_ids
-    if cfg.val_data:
-        val, choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split, cfg.val_limit)
-        return val, False, choice_ids
-    return None, False, []
-
-
-def _optimization(cfg: DistillConfig, model, total_steps: int, accelerator):
-    """(loss module and optimizer, both prepared by accelerate; the scheduler; the warmup steps)."""
-    from transformers import get_scheduler
-
-    warmup_steps = int(round(cfg.warmup * total_steps)) if cfg.warmup < 1 else int(cfg.warmup)
-    if cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
-    schedule = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
-    # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size)
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    return loss_module, optimizer, scheduler, warmup_steps
-
-
-def _start(work: Path, out: Path, cfg: DistillConfig, accelerator, model, optimizer, scheduler,
-           total_steps: int) -> tuple[int, Optional[Path]]:
-    """Make the run directory ready and resume from its newest checkpoint: (first step, that checkpoint).
-    A staged --overwrite run (work != out) always starts afresh."""
-    main = accelerator.is_main_process
-    if main and work != out:
-        clear_stale(out.resolve())  # what an earlier --overwrite left when it was killed
-    accelerator.wait_for_everyone()
-    work.mkdir(parents=True, exist_ok=True)
-    metrics_path = work / "metrics.jsonl"
-    if main:
-        if not (work / "config.yaml").exists():
-            save_yaml(cfg, work / "config.yaml")
-        for stale in (work / "checkpoints").glob(f"{TMP_PREFIX}*") if (work / "checkpoints").is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)  # a save interrupted by a kill
-    accelerator.wait_for_everyone()
-    checkpoints = list_checkpoints(work) if work == out else []
-    last_good = checkpoints[-1] if checkpoints else None
-    start_step = 0
-    if last_good is not None:
-        start_step = load_checkpoint(last_good, model, optimizer, scheduler)
-        if main:
-            _truncate_metrics(metrics_path, start_step)
-            _say(f"resuming from {last_good} (step {start_step} of {total_steps})")
-    elif main:
-        metrics_path.unlink(missing_ok=True)
-    return start_step, last_good
-
-
-def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summary: dict, writer) -> None:
-    """Main process: the final model and summary.json (last), then a staged run replaces the old one."""
-    save_final_model(work, student, tokenizer)
-    summary = {**summary, "model": str(out / "model")}
-    write_text_atomic(work / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    if writer is not None:
-        writer.close()
-    if work != out:
-        crash_point("distill:before-replace")
-        replace_run(work, out)
-    _say(f"done: {summary['steps']} steps; model in {out / 'model'}")
-
-
-def run_distill(cfg: DistillConfig) -> int:
-    """Train (or resume) the run in --out; the same command on a finished run is a no-op. With --overwrite
-    on a directory holding a run, the new run is built beside it and replaces it only once finished (see
-    the module docstring); a failure removes the partial new run and leaves the old one as it was."""
-    out = Path(cfg.out)
-    writable_parent(out)  # before the student loads: a read-only or blocked --out costs nothing
-    check_run_dir(out, cfg)
-    if not cfg.overwrite and (out / "summary.json").is_file():
-        return _finished_already(out, cfg)
-    work = staging_dir_for(out) if cfg.overwrite and holds_run(out) else out
-    try:
-        return _train(cfg, out, work)
-    except BaseException as e:
-        if work != out:
-            shutil.rmtree(work, ignore_errors=True)
-        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the run
-            raise OSError(e.errno, e.strerror or str(e), str(work)) from None
-        raise
-
-
-def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
-    """The training run: everything is written into `work` (OUT itself, or the staging directory of an
-    --overwrite); `out` is where the finished run ends up."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    _forget_previous_accelerator()
-    # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
-
-    # --- student, examples, schedule ---------------------------------------------------------------
-    model, tokenizer = load_student(cfg, accelerator.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
-    use_teacher = cfg.loss in ("first", "kd")
-    train, temperature = _training_examples(cfg, tokenizer, model, use_teacher)
-    val, val_teacher, val_choice_ids = _validation_examples(cfg, tokenizer, model, temperature, use_teacher)
-    world = accelerator.num_processes
-    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
-    steps_per_epoch = math.ceil(len(train) / step_examples)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    loss_module, optimizer, scheduler, warmup_steps = _optimization(cfg, model, total_steps, accelerator)
-    device = accelerator.device
-    student = accelerator.unwrap_model(loss_module).model
-    start_step, last_good = _start(work, out, cfg, accelerator, student, optimizer, scheduler, total_steps)
-    metrics_path = work / "metrics.jsonl"
-    if main:
-        _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
-             f"{step_examples} sequences, lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
-             f"mixed precision {accelerator.mixed_precision}, device {device}")
-
-    writer = _summary_writer(work) if main else None
-    params = [p for p in loss_module.parameters() if p.requires_grad]
-
-    # --- the loop ----------------------------------------------------------------------------------
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"distill ({cfg.loss})", disable=not main,
-               dynamic_ncols=True)
-    window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
-    last_record: dict = {}
-    perm, perm_epoch = None, -1
-    try:
-        for step in range(start_step, total_steps):
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(len(train), cfg.seed, epoch), epoch
-            # This step's sequences, this process's share, cut into micro-batches.
-            mine = perm[index_in_epoch * step_examples:][:step_examples][accelerator.process_index::world]
-            micro = [collate([train[i] for i in mine[j: j + cfg.batch_size]], pad_id, use_teacher)
-                     for j in range(0, len(mine), cfg.batch_size)]
-            step_loss, grad_norm, lr = _optimizer_step(micro, accelerator, loss_module, optimizer, scheduler, params,
-                                                       cfg.max_grad_norm,
-                                                       (work, step, cfg.lr, last_good if work == out else None))
-            window_tokens += sum(b["n_tokens"] for b in micro)
-
-            done = step + 1
-            window_loss += step_loss
-            window_steps += 1
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens * world / max(elapsed, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-
-            is_last = done == total_steps
-            record = {}
-            if done % cfg.log_every == 0 or is_last:
-                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": window_loss / window_steps,
-                          "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
-            if val is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
-                # On the main process only (the others wait): held-out sets are small next to training.
-                metrics = evaluate(student, val, pad_id, cfg, val_teacher, val_choice_ids, device) if main else {}
-                record = {"step": done, "epoch": round(done / steps_per_epoch, 4), **record, **metrics}
-                if main and metrics:
-                    bar.write(f"step {done}: val_loss {metrics['val_loss']:.4f}, accuracy "
-                              f"{metrics.get('val_accuracy', float('nan')):.4f}, ECE {metrics.get('val_ece', float('nan')):.4f}")
-                accelerator.wait_for_everyone()
-            if record:
-                if main:
-                    _log(metrics_path, writer, record)
-                last_record = record
-            # The last step is saved as OUT/model; its optimizer state only when asked to keep it.
-            periodic = cfg.save_every and done % cfg.save_every == 0 and not is_last
-            if periodic or (is_last and cfg.keep_checkpoints):
-                last_good = _checkpoint(work, done, accelerator, student, optimizer, scheduler)
-            if record:  # the next window's throughput counts training only, not validation or saving
-                window_start = time.perf_counter()
-    finally:
-        bar.close()  # also when a divergence error leaves the loop
-
-    # --- output --------------------------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if main:
-        _finish(work, out, cfg, student, tokenizer, {"finished": True, "steps": total_steps, "loss": cfg.loss,
-                "temperature": temperature, "examples": len(train), "final": last_record}, writer)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return 0
-
-
-def _log(metrics_path: Path, writer, record: dict) -> None:
-    """One line of metrics.jsonl (and the scalars to tensorboard when it is there)."""
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, record["step"])
-
-
-def _checkpoint(work: Path, step: int, accelerator, student, optimizer, scheduler) -> Path:
-    """Save step `step`'s checkpoint (main process; the others wait) and return its path."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        path = save_checkpoint(work, step, student, optimizer, scheduler)
-    else:
-        path = work / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _optimizer_step(micro: list[dict], accelerator, loss_module, optimizer, scheduler, params, max_grad_norm: float,
-                    where: tuple) -> tuple[float, float, float]:
-    """Forward/backward over this process's micro-batches, clip, one optimizer step: (loss, grad norm, lr).
-    `where` = (run dir, step, --lr, last good checkpoint) names the place in a divergence error."""
-    world, device = accelerator.num_processes, accelerator.device
-    # Normalise by the target count of the whole accumulated step (all processes), not per
-    # micro-batch: that is what makes accumulation equal one big batch. DDP averages gradients
-    # over processes, hence the factor `world`.
-    n_targets = torch.tensor(sum(len(b["targets"]) for b in micro), device=device)
-    total_targets = int(accelerator.reduce(n_targets, reduction="sum")) if world > 1 else int(n_targets)
-    scale = world / max(total_targets, 1)
-
-    step_loss_sum = torch.zeros((), device=device)
-    for j, batch in enumerate(micro):
-        batch = _to_device(batch, device)
-        # Gradients are all-reduced only after the last micro-batch.
-        sync = accelerator.no_sync(loss_module) if j < len(micro) - 1 else contextlib.nullcontext()
-        with sync:
-            loss = loss_module(batch) * scale
-            accelerator.backward(loss)
-        step_loss_sum += loss.detach()
-    # Checked before the optimizer step, so a NaN never reaches the weights (one sync per step).
-    step_loss = step_loss_sum.item() / world
-    if not math.isfinite(step_loss):
-        raise _diverged(*where[:2], step_loss, *where[2:])
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
-    if not math.isfinite(grad_norm):
-        raise _diverged(*where[:2], grad_norm, *where[2:], what="gradient norm")
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if world > 1:
-        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="sum"))
-    return step_loss, grad_norm, lr
-
-
-class _Subset:
-    """The first n examples of a collection."""
-
-    def __init__(self, examples, n: int):
-        self.examples, self.n = examples, min(n, len(examples))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.examples[i]
-
-
-def _diverged(out: Path, step: int, value: float, lr: float, last_good: Optional[Path],
-              what: str = "loss") -> FirstKDError:
-    kept = (f"the last good checkpoint is {last_good} (re-running resumes from it)" if last_good is not None
-            else "no checkpoint was saved yet")
-    return FirstKDError(f"{what} became {value} at step {step + 1}: training stopped, {kept}; lower --lr "
-                        f"(now {lr:g}) or --max-grad-norm, or check the data")
+def _warn_generative_store(data: dict, cfg: "DistillConfig") -> None:
+    """Two ways a KL student over free-text targets can learn the wrong thing, told before training."""
+    if data.get("format") == "prompt-response" and not cfg.other_bucket and cfg.alpha == 0:
+        # Measured on the reasoning demo: a student trained this way fits the training rationales yet writes
+        # stray tokens when it generates, because nothing pushed their logits down.
+        _warn("the renormalised top-k KL constrains only the teacher's top-k ids, so a student that generates "
+              "free text can put mass anywhere else: add --other-bucket (FIRST's (k+1)-th bucket) or --alpha > 0")
+    levels = data.get("trace_levels")
+    if levels and any(0 < level < 1 for level in levels):
+        _warn("this store holds traces with dropped steps: after a skip the teacher's top-k predicts the step it "
+              "expected, not the variant's next one; train dual-mode students with --loss ce (or a CE mix)")

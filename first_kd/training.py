@@ -1,0 +1,339 @@
+"""The building blocks of a training run on a teacher's cached top-k (or on tokens alone).
+
+`first-kd distill` (first_kd/commands/distill.py) is the loop that puts these together; each piece here
+does one job and knows nothing of options, run directories or processes:
+
+    examples      StoreExamples (a teacher store, the teacher distribution after a temperature record),
+                  DataExamples (tokenized records from first_kd.data), Prefix (the first n of either);
+                  batched by first_kd.batching.collate
+    data order    epoch_permutation: a pure function of (seed, epoch), so a resumed run finds its place
+                  from the step number alone
+    the model     target_hidden (hidden states at the target positions only, never [B, S, V] logits),
+                  TargetPositionLoss (student + chunked loss as one module), param_groups (AdamW decay)
+    validation    validate: held-out loss, accuracy and calibration
+    checkpoints   list_checkpoints / save_checkpoint / load_checkpoint (model, optimizer, scheduler, RNG),
+                  written to a temp dir and renamed so only complete ones count; save_final_model
+
+An example is one dict per sequence: input_ids int64 [L], target_positions int64 [n] (logits at t predict
+input_ids[t+1]), for store examples topk_ids int64 [n, k] + teacher_probs float32 [n, k or k+1], and
+answer_index / n_choices for multiple-choice data (-1 / 0 otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from first_kd.batching import collate
+from first_kd.errors import FirstKDError
+from first_kd.losses import chunked_distillation_loss, distillation_loss
+from first_kd.metrics import MODEL_SUMMARY_KEYS, CalibrationAccumulator
+from first_kd.models import last_hidden_states
+from first_kd.outputs import fsync_dir
+from first_kd.scoring import options_from_logits
+from first_kd.temperature import distribution_from_record
+
+CHECKPOINT_PREFIX = "step-"  # checkpoints/step-00000042/
+TMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step-00000042/: a save in progress (or killed), never a checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples
+# ----------------------------------------------------------------------------------------------
+
+
+class StoreExamples:
+    """A teacher store as training examples, with the teacher distribution after `temperature`
+    (a store temperature record; {} = none), computed by first_kd.temperature."""
+
+    def __init__(self, store, temperature: dict, other_bucket: bool):
+        self.store = store
+        self.temperature = temperature
+        self.other_bucket = other_bucket
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.store.get(int(i), temperature=False)
+        teacher_probs = distribution_from_record(torch.from_numpy(rec["topk_logprobs"]), self.temperature,
+                                                 self.other_bucket)
+        return {
+            "input_ids": rec["input_ids"],
+            "target_positions": rec["target_positions"],
+            "topk_ids": rec["topk_ids"],
+            "teacher_probs": teacher_probs,
+            "answer_index": int(rec.get("answer_index", -1)),
+            "n_choices": int(rec.get("n_choices", 0)),
+        }
+
+
+class DataExamples:
+    """Tokenized records from first_kd.data: the targets are input_ids[target_start:]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[int(i)]
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        return {
+            "input_ids": ids,
+            "target_positions": np.arange(int(row["target_start"]) - 1, len(ids) - 1, dtype=np.int64),
+            "topk_ids": None,
+            "teacher_probs": None,
+            "answer_index": int(row.get("answer_index", -1)),
+            "n_choices": int(row.get("n_choices", 0)),
+        }
+
+
+class Prefix:
+    """The first n examples of a collection (all of them when it holds fewer)."""
+
+    def __init__(self, examples, n: int):
+        self.examples, self.n = examples, min(n, len(examples))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.examples[i]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the n examples in `epoch`: a pure function of (seed, epoch), so a resumed run
+    finds its place from the step number alone."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: hidden states at target positions only, loss against the output head
+# ----------------------------------------------------------------------------------------------
+
+
+def target_hidden(model, batch: dict) -> torch.Tensor:
+    """Last hidden states at the batch's target positions: [N, H]. Never builds [B, S, V] logits."""
+    hidden = last_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    return hidden.flatten(0, 1).index_select(0, batch["rows"])
+
+
+class TargetPositionLoss(torch.nn.Module):
+    """The student plus its loss as one module, so DDP and accelerate's autocast wrap the whole
+    forward (body, gather and loss) rather than only the causal LM's own forward, which we bypass."""
+
+    def __init__(self, model, alpha: float, other_bucket: bool, label_smoothing: float, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.alpha, self.other_bucket = alpha, other_bucket
+        self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Summed (not averaged) loss over the batch's target positions: a scalar."""
+        hidden = target_hidden(self.model, batch)
+        head = self.model.get_output_embeddings()
+        return chunked_distillation_loss(
+            hidden, head.weight, batch["targets"],
+            teacher_ids=batch["teacher_ids"], teacher_probs=batch["teacher_probs"],
+            alpha=self.alpha, other_bucket=self.other_bucket, label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size, reduction="sum", head_bias=getattr(head, "bias", None),
+        )
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: decay matrices (embeddings, projections) only; decaying norm gains and
+    biases only hurts (nanoGPT)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model, examples, pad_id: int, *, batch_size: int, chunk_size: int, alpha: float, other_bucket: bool,
+             label_smoothing: float, use_teacher: bool, choice_token_ids: list[int], device) -> dict:
+    """Loss, accuracy and calibration on held-out examples: {"val_loss", "val_ce", "val_KEY" for each of
+    metrics.MODEL_SUMMARY_KEYS, "val_level"}.
+
+    val_loss is the training objective (alpha, other_bucket, label_smoothing) when the held-out set has
+    the teacher (a store), else CE; val_ce is always the CE of the target tokens. Multiple-choice data
+    (choice_token_ids given): accuracy / ECE at the answer position with the probabilities renormalised
+    over the option letters of each item (val_level "answer"). Otherwise token-level: top-1 over the whole
+    vocabulary at every target position (val_level "token").
+    """
+    was_training = model.training
+    model.eval()
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, getattr(head, "bias", None)
+    acc = CalibrationAccumulator()
+    mcqa = bool(choice_token_ids)
+    choice_ids = torch.tensor(choice_token_ids, dtype=torch.long, device=device) if mcqa else None
+    loss_sum = ce_sum = 0.0
+    n_rows = 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))],
+                        pad_id, use_teacher)
+        batch = to_device(batch, device)
+        hidden = target_hidden(model, batch)  # [N, H]
+        for lo in range(0, hidden.shape[0], chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()  # [c, V]
+            targets = batch["targets"][sl]
+            loss_sum += float(distillation_loss(
+                logits, targets,
+                teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
+                teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
+                alpha=alpha, other_bucket=other_bucket, label_smoothing=label_smoothing, reduction="sum"))
+            ce_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            if not mcqa:
+                probs = torch.softmax(logits, dim=-1)
+                conf, pred = probs.max(dim=-1)
+                acc.update_confidence(conf.cpu().numpy(), (pred == targets).cpu().numpy(),
+                                      probs.gather(1, targets[:, None])[:, 0].cpu().numpy())
+        n_rows += hidden.shape[0]
+        if mcqa:
+            answer_hidden = hidden.index_select(0, batch["first_row"])  # [B, H]
+            logits = torch.nn.functional.linear(answer_hidden, weight[choice_ids],
+                                                None if bias is None else bias[choice_ids]).float()  # [B, C]
+            probs = options_from_logits(logits, batch["n_choices"].clamp(min=1, max=len(choice_token_ids)))
+            acc.update(probs.cpu().numpy(), batch["answer_index"].cpu().numpy())
+    if was_training:
+        model.train()
+    summary = acc.compute()
+    result = {"val_loss": loss_sum / max(n_rows, 1), "val_ce": ce_sum / max(n_rows, 1)}
+    for key in MODEL_SUMMARY_KEYS:
+        if key in summary:
+            result[f"val_{key}"] = summary[key]
+    result["val_level"] = "answer" if mcqa else "token"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and the final model
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    """Where step `step`'s checkpoint of the run in `out` lives (once complete)."""
+    return out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a temp dir of an interrupted save is never one of them)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and (p / "trainer_state.pt").is_file() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def clear_interrupted_saves(out: Path) -> None:
+    """Remove the temp dirs of checkpoint saves a kill interrupted."""
+    root = out / "checkpoints"
+    for stale in root.glob(f"{TMP_PREFIX}*") if root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
+    """Write step N's checkpoint atomically: fill a temp dir, fsync, rename, then drop older ones."""
+    from safetensors.torch import save_model
+
+    final = checkpoint_dir(out, step)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, tmp / "trainer_state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays
+        raise _write_failed(tmp, e) from None
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    for old in list_checkpoints(out):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint; return its step."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(path / "model.safetensors"))
+        # Our own file (optimizer state and RNG tuples are not plain tensors), so a full unpickle.
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        raise FirstKDError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); delete it to resume "
+                           "from an older one, or start over with --overwrite") from None
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def save_final_model(out: Path, model, tokenizer) -> Path:
+    """save_pretrained into out/.model.tmp, then swap it in as out/model, so it is never half written."""
+    tmp, final = out / ".model.tmp", out / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_failed(tmp, e) from None
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_failed(path: Path, error: Exception) -> Exception:
+    """The error to raise when writing `path` failed. torch and safetensors report a full disk as a
+    RuntimeError / SafetensorError, not an OSError: both become one line naming the file."""
+    if isinstance(error, OSError):
+        return error
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[-1][:200]
+    return FirstKDError(f"could not write {path} ({reason}): free disk space or make the directory writable, then "
+                        "re-run the same command (complete checkpoints and finished outputs were left as they were)")
