@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from first_kd import metrics  # noqa: E402
+from first_kd.files import name_errors  # noqa: E402
 
 ACCURACY_COLOR = "#4C72B0"
 GAP_COLOR = "#C44E52"
@@ -164,12 +165,9 @@ def reliability_figure(panels: Sequence[tuple[str, Any, Optional[dict]]]):
 def _save(fig, path) -> Path:
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=120)
-    except OSError as e:
-        if e.filename is None:  # a failed write (full disk) names no file: say which one
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
+        with name_errors(path):  # a failed write (full disk) names no file: say which one
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, format="png", dpi=120)
     finally:
         plt.close(fig)  # also when the disk is full: a long-lived process must not keep the figure
     return path

@@ -27,7 +27,6 @@ files (the demo writes its report into its own directory): only the report's fil
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from urllib.parse import quote
 
 from first_kd.config import option
 from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
+from first_kd.files import clean_json, file_sha256, name_errors, write_json_atomic, write_text_atomic
 from first_kd.outputs import exclusive_lock, fsync_dir, say_done, writable_parent
 from first_kd.temperature import describe as describe_temperature
 
@@ -295,27 +294,10 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
     return "\n".join(lines) + "\n"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def made_from(files: list[Path], labels: Optional[list[str]], title: str) -> dict:
     """What a report is a view of: its runs' metrics.json (path and content digest), labels and title."""
-    return {"runs": [str(Path(f).resolve()) for f in files], "metrics_sha256": [_sha256(f) for f in files],
+    return {"runs": [str(Path(f).resolve()) for f in files], "metrics_sha256": [file_sha256(f) for f in files],
             "labels": list(labels) if labels else None, "title": title}
-
-
-def _write(path: Path, text: str) -> None:
-    try:
-        write_text_atomic(path, text)
-    except OSError as e:
-        if e.filename is None:  # a failed write (full disk) names no file: say which one
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
 
 
 def _publish(scratch: Path, out: Path, names: list[str]) -> None:
@@ -346,7 +328,8 @@ def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         figures = _figures(names, runs, scratch)
-        _write(scratch / "report.md", render_markdown(title, names, runs, files, figures, out))
+        with name_errors(scratch / "report.md"):
+            write_text_atomic(scratch / "report.md", render_markdown(title, names, runs, files, figures, out))
         report = {
             "title": title,
             "models": {name: {k: v for k, v in run.items() if k not in ("bins", "settings")} | {"metrics_file": str(f)}
@@ -354,9 +337,10 @@ def build_report(run_paths: list, out, labels: Optional[list[str]] = None,
             "temperature": {name: run["temperature"] for name, run in zip(names, runs) if run.get("temperature")},
             "figures": figures,
             "made_from": origin,
-            "files_sha256": {name: _sha256(scratch / name) for name in ["report.md", *figures]},
+            "files_sha256": {name: file_sha256(scratch / name) for name in ["report.md", *figures]},
         }
-        _write(scratch / "report.json", json.dumps(report, indent=2) + "\n")
+        with name_errors(scratch / "report.json"):  # strict JSON: a NaN a run's metrics.json holds is null
+            write_json_atomic(scratch / "report.json", clean_json(report))
         _publish(scratch, out, ["report.md", *figures, "report.json"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -378,7 +362,7 @@ def finished_report(out: Path, origin: dict) -> Optional[dict]:
         return None
     for name, digest in written.items():
         path = out / str(name)
-        if Path(name).name != name or not path.is_file() or _sha256(path) != digest:
+        if Path(name).name != name or not path.is_file() or file_sha256(path) != digest:
             return None
     return report
 
