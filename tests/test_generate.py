@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import LETTERS, build_letter_sure_model
+from first_kd import decoding
 from first_kd.commands import generate as G
 from first_kd.cli import main
 from first_kd.config import build
@@ -95,12 +96,12 @@ def test_decode_generated_cuts_at_the_first_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     word = tok.encode(" tree house", add_special_tokens=False)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    assert G.decode_generated(word + [eos, pad, pad], {eos}, tok) == (" tree house", len(word) + 1, True)
-    assert G.decode_generated(word, {eos}, tok) == (" tree house", len(word), False)
+    assert decoding.decode_generated(word + [eos, pad, pad], {eos}, tok) == (" tree house", len(word) + 1, True)
+    assert decoding.decode_generated(word, {eos}, tok) == (" tree house", len(word), False)
     other = tok.encode(" river", add_special_tokens=False)[0]  # a second stop id (a chat model's end of turn)
-    assert G.decode_generated(word + [other] + word, {eos, other}, tok) == (" tree house", len(word) + 1, True)
+    assert decoding.decode_generated(word + [other] + word, {eos, other}, tok) == (" tree house", len(word) + 1, True)
     spaces = tok.encode("   ", add_special_tokens=False)
-    assert G.decode_generated(word + spaces, {eos}, tok)[0] == " tree house"  # trailing whitespace goes
+    assert decoding.decode_generated(word + spaces, {eos}, tok)[0] == " tree house"  # trailing whitespace goes
     assert G.unit_seed(0, 1) != G.unit_seed(0, 2) != G.unit_seed(1, 1)
 
 
@@ -451,14 +452,14 @@ def test_rationales_stop_where_max_length_is_reached(tmp_path, models, tiny_toke
     max_length, max_new = lengths[2] + 3, 8  # the long prompt has room for 3 tokens, the others for 8
     assert max(lengths[:2] + lengths[3:]) + max_new <= max_length
     calls = []
-    real_call = G._generate_call
+    real_call = decoding.generate_ids  # the one generate call
 
-    def spy(model, tokenizer, prompts, cfg, eos_ids, max_new_tokens):
-        width = max(len(ids) for ids in G.encode_prompts(tokenizer, prompts, cfg.chat_template))
+    def spy(model, inputs, pad_id, stop_ids, max_new_tokens, *args, **kwargs):
+        width = max(len(ids) for ids in inputs)
         calls.append((width, max_new_tokens))
-        return real_call(model, tokenizer, prompts, cfg, eos_ids, max_new_tokens)
+        return real_call(model, inputs, pad_id, stop_ids, max_new_tokens, *args, **kwargs)
 
-    monkeypatch.setattr(G, "_generate_call", spy)
+    monkeypatch.setattr(decoding, "generate_ids", spy)
     out = tmp_path / "gen.jsonl"
     assert generate(models["peaked"], path, out, "--max-new-tokens", str(max_new), "--max-length",
                     str(max_length), "--batch-size", "4") == 0

@@ -18,8 +18,8 @@ Length: a prompt and its rationale must fit --max-length tokens and the teacher'
 that leaves no room is refused (naming the record), as cache/distill/evaluate refuse it; otherwise a
 rationale stops where the limit is reached (finished=false), as their targets are truncated.
 
-Sampling is fully defined by this command's options: temperature and top-p only. The teacher's own
-generation_config (vendor top_k, repetition penalties, ...) is not used, except for its eos ids.
+Sampling is fully defined by this command's options: temperature and top-p only (first_kd.decoding). The
+teacher's own generation_config (vendor top_k, repetition penalties, ...) is not used, except for its eos ids.
 
 Perturbation (System-2 distillation's consistency check): with --perturb shuffle-options, each MCQA
 question also gets `perturb_samples` samples on prompts whose options are shuffled; their answers are
@@ -48,7 +48,8 @@ from first_kd import __version__
 from first_kd.config import option
 from first_kd.data import LETTERS, encode_prompts, load_records
 from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
+from first_kd.decoding import generate_texts
+from first_kd.files import file_sha256, write_json_atomic
 from first_kd.models import ModelOptions, stop_token_ids
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff, writable_parent
 from first_kd.data.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
@@ -185,64 +186,13 @@ def _unit_samples(unit: int, questions: list[Question], ds, cfg: GenerateConfig)
     return rows
 
 
-def decode_generated(ids: Sequence[int], eos_ids: set[int], tokenizer) -> tuple[str, int, bool]:
-    """(rationale text, tokens generated incl. eos, finished) of one row of generated ids.
-
-    The row is cut after its first eos (generate pads finished rows); the text skips special tokens,
-    keeps leading whitespace (it is appended to the prompt at cache time) and drops trailing whitespace.
-    """
-    ids = list(ids)
-    end = next((j for j, t in enumerate(ids) if t in eos_ids), None)
-    kept = ids if end is None else ids[:end]
-    text = tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return text.rstrip(), len(ids) if end is None else end + 1, end is not None
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
+def stop_ids(model, tokenizer) -> set[int]:
+    """The ids that end a rationale (`first_kd.models.stop_token_ids`); a FirstKDError when there is none."""
     ids = set(stop_token_ids(model, tokenizer))
     if not ids:
         raise FirstKDError("the teacher's tokenizer has no eos token, so a rationale could never end: use a "
                            "tokenizer with an eos token")
     return ids
-
-
-def generate_batch(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int],
-                   budgets: Optional[Sequence[int]] = None):
-    """Continuations of `prompts`: a list of (text, n_tokens, finished).
-
-    `budgets[i]` is the most tokens row i may generate (default --max-new-tokens for every row; less where
-    the prompt leaves less room, see `plan_budgets`). Rows with the same budget share one generate call, in
-    order of first appearance, so a padded batch never runs past any row's room; when every row has the
-    same budget this is one call.
-    """
-    budgets = list(budgets) if budgets is not None else [cfg.max_new_tokens] * len(prompts)
-    results: list = [None] * len(prompts)
-    for budget in dict.fromkeys(budgets):
-        rows = [i for i, b in enumerate(budgets) if b == budget]
-        for i, result in zip(rows, _generate_call(model, tokenizer, [prompts[i] for i in rows], cfg, eos_ids,
-                                                  budget)):
-            results[i] = result
-    return results
-
-
-def _generate_call(model, tokenizer, prompts: list[str], cfg: GenerateConfig, eos_ids: set[int],
-                   max_new_tokens: int):
-    """One generate call. Prompts are tokenized by data.encode_prompts, as every command tokenizes them, and
-    left-padded, so every row's continuation starts at the same column."""
-    from transformers import GenerationConfig
-
-    tokenizer.padding_side = "left"
-    enc = tokenizer.pad({"input_ids": encode_prompts(tokenizer, prompts, cfg.chat_template)}, padding=True,
-                        return_tensors="pt")
-    device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) \
-        if cfg.temperature > 0 else dict(do_sample=False)
-    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=1, eos_token_id=sorted(eos_ids),
-                                  pad_token_id=tokenizer.pad_token_id, **sampling)
-    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                         generation_config=gen_config)
-    new = out[:, enc["input_ids"].shape[1]:].tolist()
-    return [decode_generated(row, eos_ids, tokenizer) for row in new]
 
 
 def _records(rows: list[_Sample], results, questions: list[Question], extractor) -> list[dict]:
@@ -316,19 +266,6 @@ def _paths(out: str) -> dict[str, Path]:
     partial = out_path.with_name(out_path.name + ".partial")
     return {"out": out_path, "partial": partial, "sidecar": partial.with_name(partial.name + ".json"),
             "meta": out_path.with_suffix(".meta.json")}
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    # allow_nan=False: the files are strict JSON (a NaN would be written as the non-JSON token NaN).
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _questions_fingerprint(questions: list[Question]) -> str:
@@ -538,8 +475,6 @@ def _load_inputs(cfg: GenerateConfig):
 
 
 def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
-    from transformers import GenerationConfig
-
     from first_kd.models import load_model
 
     meta = _finished_meta(paths)
@@ -553,11 +488,7 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
     budgets, short = plan_budgets(questions, ds, cfg, tokenizer, n_units, positions)
 
     model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)
-    eos_ids = _eos_ids(model, tokenizer)
-    # generate() fills every option we leave unset from the model's generation_config (a vendor's top_k,
-    # repetition penalty ...); a blank one makes this command's options the whole sampling definition.
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(eos_ids),
-                                               pad_token_id=tokenizer.pad_token_id)
+    eos_ids = stop_ids(model, tokenizer)  # read before decoding sets the model's generation_config aside
 
     per_question = cfg.samples + (cfg.perturb_samples if cfg.perturb != "none" else 0)
     expected = [[(questions[i].id, s) for i in _unit_questions(u, len(questions), cfg.batch_size)
@@ -565,8 +496,8 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
     started, started_at = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
     first_unit = _resume(paths, settings, expected, cfg.out, cfg.overwrite)
     if first_unit == 0:
-        _write_json_atomic(paths["sidecar"], {"settings": settings, "data": {"source": cfg.data, "split": cfg.split},
-                                              "created_by": f"first-kd {__version__}"})
+        write_json_atomic(paths["sidecar"], {"settings": settings, "data": {"source": cfg.data, "split": cfg.split},
+                                             "created_by": f"first-kd {__version__}"}, sort_keys=True)
         paths["partial"].write_bytes(b"")
     crash_point("generate:planned")
 
@@ -577,7 +508,8 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
             for unit in range(first_unit, n_units):
                 rows = _unit_samples(unit, questions, ds, cfg)
                 torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
-                results = generate_batch(model, tokenizer, [r.prompt for r in rows], cfg, eos_ids, budgets[unit])
+                results = generate_texts(model, tokenizer, [r.prompt for r in rows], eos_ids, budgets[unit],
+                                         cfg.temperature, cfg.top_p, cfg.chat_template)
                 _append(f, _records(rows, results, questions, extractor), unit)
                 crash_point(f"generate:after-unit-write:{unit}")
                 bar.update(len(expected[unit]) // per_question)
@@ -599,11 +531,11 @@ def _finish(cfg: GenerateConfig, paths: dict[str, Path], settings: dict, run: di
     """Meta file, then OUT put in place (replacing a finished one only now), then the summary line."""
     counts = summarize(paths["partial"])
     seconds = time.perf_counter() - started
-    _write_json_atomic(paths["meta"], {
+    write_json_atomic(paths["meta"], {
         "settings": settings, "data": {"source": cfg.data, "split": cfg.split}, "counts": counts,
         "output_sha256": file_sha256(paths["partial"]), "config": dataclasses.asdict(cfg), **run,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "seconds_this_run": round(seconds, 3), "created_by": f"first-kd {__version__}"})
+        "seconds_this_run": round(seconds, 3), "created_by": f"first-kd {__version__}"}, sort_keys=True)
     crash_point("generate:before-rename")
     os.replace(paths["partial"], paths["out"])
     paths["sidecar"].unlink(missing_ok=True)
