@@ -1,6 +1,6 @@
-"""`first-kd evaluate --modes`: the pure helpers against independent oracles (the tokenizer's own offsets,
-hand-made spans), and a tiny Llama trained here on [slow] / [fast] variants, evaluated end to end with its
-confidences recomputed by a plain forward pass; then `first-kd report` on the result."""
+"""`first-kd evaluate --modes`: the scoring helpers by hand, and a tiny Llama trained here on [slow] / [fast]
+variants, evaluated end to end with its confidences recomputed by a plain forward pass; then `first-kd report`
+on the result. (The answer-span helpers against the tokenizer's own offsets: test_decoding.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from first_kd import generation_eval as G
+from first_kd import decoding, scoring
 from first_kd.cli import main
 from first_kd.data import DataConfig, encode_prompts, tokenize_records
 from first_kd.data.rationale import find_answer
@@ -28,52 +28,10 @@ CUE = "Let's think step by step."
 
 
 def test_completion_mode():
-    assert G.completion_mode("[slow]\nstep\nThe answer is 3.", "[slow]", "[fast]") == "slow"
-    assert G.completion_mode("  [fast]\nThe answer is 3.", "[slow]", "[fast]") == "fast"
-    assert G.completion_mode("The answer is 3. [fast]", "[slow]", "[fast]") == "none"
-    assert G.completion_mode("", "[slow]", "[fast]") == "none"
-
-
-def test_answer_token_span_by_hand():
-    # tokens "The", " answer", " is", " 42", "." -> ends 3, 10, 13, 16, 17; answer "42" = chars [14, 16)
-    ends = [3, 10, 13, 16, 17]
-    assert G.answer_token_span(ends, 14, 16) == (3, 4)
-    assert G.answer_token_span(ends, 12, 15) == (2, 4)  # overlapping two tokens
-    assert G.answer_token_span(ends, 0, 17) == (0, 5)
-    assert G.answer_token_span(ends, 17, 18) is None  # beyond the text
-    # a 3-byte character split over three tokens: the first two complete nothing and go with the third
-    ends = [4, 4, 4, 5, 6]
-    assert G.answer_token_span(ends, 4, 5) == (1, 4)
-    assert G.answer_token_span(ends, 5, 6) == (4, 5)
-    with pytest.raises(ValueError):
-        G.answer_token_span(ends, 3, 3)
-    with pytest.raises(ValueError):
-        G.answer_token_span([3, 2], 0, 1)
-
-
-@pytest.fixture(scope="module")
-def small_tokenizer():
-    from first_kd.tiny import train_tokenizer
-
-    # Few merges and no "€" in training, so "€" stays three byte-tokens: the multi-byte case is exercised.
-    return train_tokenizer(["the answer is 42. so the answer is twelve, not 7."] * 20, vocab_size=280)
-
-
-@pytest.mark.parametrize("text, extractor", [
-    ("so the answer is 42.", "answer-is"),
-    ("first 7, so the answer is twelve.", "answer-is"),
-    ("the price: the answer is €42", r"answer is (?P<answer>\S+)"),
-    ("the answer is 7 €", r"(?P<answer>€)"),
-])
-def test_answer_span_matches_the_tokenizer_offsets(small_tokenizer, text, extractor):
-    enc = small_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    _, start, end = find_answer(text, extractor)
-    span = G.answer_token_span(G.decoded_token_ends(small_tokenizer, ids), start, end)
-    # oracle: the tokens whose own character offsets overlap the answer
-    expected = [j for j, (a, b) in enumerate(offsets) if a < end and b > start]
-    assert span == (expected[0], expected[-1] + 1)
-    assert text[start:end] in small_tokenizer.decode(ids[span[0]: span[1]])
+    assert scoring.completion_mode("[slow]\nstep\nThe answer is 3.", "[slow]", "[fast]") == "slow"
+    assert scoring.completion_mode("  [fast]\nThe answer is 3.", "[slow]", "[fast]") == "fast"
+    assert scoring.completion_mode("The answer is 3. [fast]", "[slow]", "[fast]") == "none"
+    assert scoring.completion_mode("", "[slow]", "[fast]") == "none"
 
 
 def test_summarize():
@@ -87,7 +45,7 @@ def test_summarize():
         {"correct": True, "confidence": 0.7, "answer": "5", "n_generated_tokens": 8, "finished": True,
          "chosen_mode": "none"},
     ]
-    s = G.summarize(lines, n_bins=10)
+    s = scoring.summarize_generation(lines, n_bins=10)
     assert s["n"] == 4 and s["accuracy"] == 0.5 and s["mean_confidence"] == pytest.approx(0.55)
     assert s["brier"] == pytest.approx(np.mean([0.01, 0.36, 0.0, 0.09]))
     # every example in its own bin: ECE = mean |correct - confidence|
@@ -95,7 +53,7 @@ def test_summarize():
     assert s["mean_generated_tokens"] == 13.0 and s["no_answer_rate"] == 0.25 and s["finished_rate"] == 0.75
     assert s["chosen_modes"] == {"slow": 0.25, "fast": 0.5, "none": 0.25}
     assert s["nll"] is None and s["level"] == "generation" and sum(s["bins"]["count"]) == 4
-    assert "chosen_modes" not in G.summarize([{**x, "chosen_mode": None} for x in lines])
+    assert "chosen_modes" not in scoring.summarize_generation([{**x, "chosen_mode": None} for x in lines])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,14 +173,14 @@ def test_forced_modes_start_with_the_training_marker_ids(trained):
     tok, rows = trained["tok"], trained["rows"]
     prompts = encode_prompts(tok, [f"Question: {q['question']}\nAnswer: {CUE}" for q in trained["questions"]])
     for mode, variant in (("slow", "#full"), ("fast", "#fast")):
-        inputs, forced = G.mode_inputs(prompts, mode, tok, "[slow]", "[fast]", "\n")
+        inputs, forced = decoding.mode_inputs(prompts, mode, tok, "[slow]", "[fast]", "\n")
         assert forced == marker_prefix_ids(tok, f"[{mode}]", "\n") and len(forced) > 0
         assert all(x[-len(forced):] == forced and x[: -len(forced)] == p for x, p in zip(inputs, prompts))
         # token for token what the model was trained on: prompt, then the marker prefix of the variant
         row = rows[rows["id"].index(trained["questions"][0]["id"] + variant)]
         assert row["input_ids"][: len(inputs[0])] == inputs[0]
         assert all(x["forced_ids"] == forced for x in trained["lines"] if x["mode"] == mode)
-    assert G.mode_inputs(prompts, "auto", tok, "[slow]", "[fast]", "\n") == (prompts, [])
+    assert decoding.mode_inputs(prompts, "auto", tok, "[slow]", "[fast]", "\n") == (prompts, [])
 
 
 def test_the_trained_model_answers_slow_and_fast(trained):
@@ -238,7 +196,7 @@ def test_the_trained_model_answers_slow_and_fast(trained):
         q = questions[x["id"]]
         assert x["completion"] == "\n".join(q["steps"] + [f"The answer is {q['answer']}."])
     for x in by_mode["auto"]:
-        assert x["chosen_mode"] == G.completion_mode(x["completion"], "[slow]", "[fast]") != "none"
+        assert x["chosen_mode"] == scoring.completion_mode(x["completion"], "[slow]", "[fast]") != "none"
     slow, fast = (trained["metrics"]["modes"][m]["mean_generated_tokens"] for m in ("slow", "fast"))
     assert fast < slow
     # Having written a marker itself, the model goes on exactly as when that marker is forced.
@@ -331,7 +289,7 @@ def test_same_modes_command_is_a_no_op_a_new_label_renames(trained, tmp_path, ca
     out = tmp_path / "eval"
     shutil.copytree(trained["out"], out)
     before = _files(out)
-    monkeypatch.setattr(G, "greedy_generate", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(scoring, "greedy_generate", lambda *a, **k: pytest.fail("generated again"))
     capsys.readouterr()
     assert main(trained["args"] + ["--out", str(out)]) == 0
     assert "nothing to do" in capsys.readouterr().err and _files(out) == before

@@ -33,44 +33,68 @@ no-op (exit 0); other settings, or inputs that changed since (a model retrained 
 store calibrated again), are refused unless --overwrite. The label, --batch-size and --out are not
 settings: a new --label renames the evaluation (metrics and figures) without measuring again.
 
-Generated answers
------------------
-`--modes slow,fast,auto` scores something else: the model writes a rationale per question (greedy),
-its answer is extracted and compared with the gold one, and its confidence is the probability of the
-answer tokens it wrote. See first_kd.generation_eval.
+Generated answers (`--modes slow,fast,auto`)
+--------------------------------------------
+The model writes its own answers, scored for accuracy and calibration (first_kd.scoring.evaluate_generation).
+Per question and mode the model decodes greedily from
+  * slow / fast: the prompt ids followed by the ids of `marker + step_separator` ([slow] or [fast] and a
+    newline by default), tokenized on their own exactly as `first_kd.data.traces.marker_prefix_ids` makes them
+    for training (first_kd.data with --trace-levels), so the forced start is token for token what the
+    model learnt to continue (first_kd.decoding.mode_inputs);
+  * auto: the prompt ids only: a model trained on both markers picks one (its completion's first text
+    tells which: `first_kd.scoring.completion_mode`), a model trained without markers just answers.
+The prompt ids are the question prompt (first_kd.data.rationale.load_questions: it ends with the reasoning
+cue) tokenized WITH the tokenizer's special tokens, as first_kd.data tokenizes training prompts.
+
+answer      the rationale extractor's last match in the completion (first_kd.data.rationale.find_answer),
+            normalised; correct = it equals the gold answer.
+confidence  the model's probability of that answer given its own completion: exp of the summed
+            log-probs of the generated tokens that spell it (the tokens whose decoded text overlaps
+            the answer's characters, `first_kd.decoding.answer_token_span`), from one teacher-forced pass
+            over prompt + completion. A completion without an extractable answer is incorrect with
+            confidence 0 (the model committed to no answer; counted in no_answer_rate too).
+tokens      generated tokens including eos, excluding the forced marker (in auto the model writes its
+            marker itself, so it counts).
+
+Per mode: accuracy, ECE, MCE (equal-width bins), Brier of the binary correct-vs-confidence, mean
+confidence, n, mean_generated_tokens, no_answer_rate, finished_rate (eos before --max-new-tokens) and,
+for auto, the fractions of completions that chose each marker ("chosen_modes": slow / fast / none).
+There is no NLL: the gold answer's likelihood is not what a free-running completion measures.
+
+A prediction line: {"id", "mode", "completion" (decoded, special tokens skipped, up to eos), "answer"
+(normalised or null), "gold", "correct", "confidence", "n_generated_tokens", "finished" (eos reached),
+"chosen_mode" (auto: slow / fast / none; null for forced modes), "forced_ids" (the marker ids forced
+after the prompt), "completion_ids" (generated ids, eos included), "answer_tokens" ([first, last) into
+completion_ids, or null)}: enough to recompute any confidence with a plain forward pass.
+
+Outputs in --out: predictions.jsonl (one line per question and mode), reliability-MODE.png per mode,
+reliability.png (all modes side by side) and metrics.json, written last: its top level is the first
+mode's metrics in the schema of the other evaluations (so `first-kd report` reads it), plus
+"modes": {mode: metrics}. They are staged and swapped in, and re-runs compared, as for every evaluation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 from typing import List, Literal, Optional
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from first_kd import metrics
-from first_kd.batching import length_batches, pad_right
 from first_kd.config import option, to_dict
-from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
-from first_kd.models import ModelOptions, head_logits, last_hidden_states
-from first_kd.scoring import option_mask, options_from_logits, options_from_topk
-from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir, writable_parent
-from first_kd.temperature import describe as describe_temperature
 from first_kd.data.rationale import RationaleConfig
+from first_kd.decoding import MODES
+from first_kd.errors import FirstKDError
+from first_kd.files import clean_json, name_errors, write_json_atomic
+from first_kd.models import ModelOptions
+from first_kd.outputs import exclusive_lock, say_done, settings_diff, staged_dir, writable_parent
+from first_kd.scoring import evaluate_generation, evaluate_model, evaluate_store
+from first_kd.temperature import describe as describe_temperature
 
-# Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
-_HEAD_ELEMENTS = 1 << 25
-# Store rows buffered before they are scored together.
-_STORE_FLUSH_ROWS = 1 << 15
 _GENERIC_DIR_NAMES = {"model", "final", "checkpoint", "checkpoints", "store"}
 # Options that change how an evaluation runs, is named or where it goes, not what it measures.
 SETTINGS_FREE = ("out", "label", "batch_size", "overwrite", "trust_remote_code")
@@ -103,8 +127,6 @@ class EvaluateConfig(ModelOptions, RationaleConfig):
     def validate(self):
         super().validate()
         if self.modes:
-            from first_kd.generation_eval import MODES
-
             unknown = [m for m in self.modes if m not in MODES]
             if unknown:
                 raise FirstKDError(f"--modes {','.join(self.modes)}: unknown mode {unknown[0]!r}; use "
@@ -134,244 +156,7 @@ class EvaluateConfig(ModelOptions, RationaleConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions
-# ----------------------------------------------------------------------------------------------
-
-
-def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              cols: torch.Tensor) -> torch.Tensor:
-    """Last hidden states [N, H] at (rows[i], cols[i]) of a right-padded batch [B, S]."""
-    return last_hidden_states(model, input_ids, attention_mask)[rows, cols]
-
-
-class _NLL:
-    """Sum of -log p over samples with p > 0 (store scope) or all samples (clamped, model scope)."""
-
-    def __init__(self):
-        self.total, self.n = 0.0, 0
-
-    def add(self, p_gold: np.ndarray, only_positive: bool) -> None:
-        p = np.asarray(p_gold, dtype=np.float64)
-        if only_positive:
-            p = p[p > 0]
-        self.total += float(np.sum(-np.log(np.maximum(p, metrics.NLL_EPS))))
-        self.n += int(p.shape[0])
-
-    def mean(self) -> Optional[float]:
-        return self.total / self.n if self.n else None
-
-
-def _finish(acc: metrics.CalibrationAccumulator, nll: _NLL, scope: str) -> dict:
-    summary = acc.compute()
-    summary["nll"] = nll.mean()
-    summary["nll_scope"] = scope
-    summary["nll_n"] = nll.n
-    summary["bins"] = metrics.bins_to_json(acc.bins())
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 16, n_bins: int = 10,
-                   device=None, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Score a causal LM on tokenized examples (first_kd.data.prepare_dataset output).
-
-    Returns (summary: metrics keys + "bins", "level"; predictions: one dict per example, in data order).
-    """
-    device = device or next(model.parameters()).device
-    mcqa = info["format"] == "mcqa"
-    labels = info.get("choice_labels") or []
-    choice_ids = torch.tensor(info.get("choice_token_ids") or [], dtype=torch.long, device=device)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if mcqa and int(choice_ids.max()) >= vocab:
-        raise FirstKDError(f"option letter token id {int(choice_ids.max())} is outside the model's {vocab} logits: "
-                           "evaluate with the model's own tokenizer (--tokenizer)")
-    input_ids = tokenized["input_ids"]
-    starts = np.asarray(tokenized["target_start"], dtype=np.int64)
-    ids = tokenized["id"]
-    lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
-    acc = metrics.CalibrationAccumulator(n_bins)
-    nll = _NLL()
-    predictions: list[Optional[dict]] = [None] * len(ids)
-    head_rows = max(1, _HEAD_ELEMENTS // vocab)
-    unit = "q" if mcqa else "seq"
-    bar = tqdm(total=len(ids), unit=unit, desc="evaluating", dynamic_ncols=True, disable=not progress)
-    if mcqa:
-        answer = np.asarray(tokenized["answer_index"], dtype=np.int64)
-        n_choices = np.asarray(tokenized["n_choices"], dtype=np.int64)
-    for batch in length_batches(lengths, batch_size):
-        tokens, mask = pad_right([input_ids[i] for i in batch], pad_id, device)
-        if mcqa:
-            rows = torch.arange(len(batch), device=device)
-            cols = torch.as_tensor(starts[batch] - 1, device=device)
-            logits = head_logits(model, hidden_at(model, tokens, mask, rows, cols))  # [B, V]
-            logp = torch.log_softmax(logits, dim=-1)
-            n_ch = torch.as_tensor(n_choices[batch], device=device)
-            gold = torch.as_tensor(answer[batch], device=device)
-            probs = options_from_logits(logits[:, choice_ids], n_ch)  # [B, C]
-            acc.update(probs, gold)
-            p_gold = probs.gather(1, gold[:, None])[:, 0]
-            nll.add(p_gold.cpu().numpy(), only_positive=False)
-            conf, pred = probs.max(dim=-1)
-            vocab_p = logp[:, choice_ids].exp() * option_mask(n_ch, len(choice_ids))
-            p_pred_full = vocab_p.gather(1, pred[:, None])[:, 0]
-            # one device -> host copy per batch, not one per number
-            probs, conf, pred = probs.cpu().numpy(), conf.cpu().numpy(), pred.cpu().numpy()
-            p_pred_full, options_mass = p_pred_full.cpu().numpy(), vocab_p.sum(dim=1).cpu().numpy()
-            for r, i in enumerate(batch):
-                n = int(n_choices[i])
-                predictions[i] = {
-                    "id": ids[i], "prediction": labels[int(pred[r])], "gold": labels[int(answer[i])],
-                    "correct": bool(pred[r] == answer[i]), "confidence": float(conf[r]),
-                    "option_probs": {labels[j]: float(probs[r, j]) for j in range(n)},
-                    "p_pred_full": float(p_pred_full[r]), "options_mass": float(options_mass[r]),
-                }
-        else:
-            row_list, col_list = [], []
-            for r, i in enumerate(batch):
-                positions = np.arange(starts[i] - 1, lengths[i] - 1)
-                row_list.append(np.full(len(positions), r))
-                col_list.append(positions)
-            rows = torch.as_tensor(np.concatenate(row_list), device=device)
-            cols = torch.as_tensor(np.concatenate(col_list), device=device)
-            targets = tokens[rows, cols + 1]
-            hidden = hidden_at(model, tokens, mask, rows, cols)
-            conf_all, correct_all, gold_all = [], [], []
-            for lo in range(0, hidden.shape[0], head_rows):
-                sl = slice(lo, lo + head_rows)
-                probs = torch.softmax(head_logits(model, hidden[sl]), dim=-1)
-                acc.update(probs, targets[sl])
-                conf, pred = probs.max(dim=-1)
-                conf_all.append(conf)
-                correct_all.append(pred == targets[sl])
-                gold_all.append(probs.gather(1, targets[sl][:, None])[:, 0])
-            conf_all = torch.cat(conf_all).cpu().numpy()
-            correct_all = torch.cat(correct_all).cpu().numpy()
-            gold_all = torch.cat(gold_all).double().cpu().numpy()
-            nll.add(gold_all, only_positive=False)
-            row_np = rows.cpu().numpy()
-            for r, i in enumerate(batch):
-                sel = row_np == r
-                predictions[i] = _token_line(ids[i], conf_all[sel], correct_all[sel], gold_all[sel])
-        bar.update(len(batch))
-    bar.close()
-    summary = _finish(acc, nll, "all")
-    summary["level"] = "answer" if mcqa else "token"
-    return summary, predictions
-
-
-def _token_line(example_id: str, conf: np.ndarray, correct: np.ndarray, p_gold: np.ndarray) -> dict:
-    return {"id": example_id, "n_tokens": int(len(conf)), "token_accuracy": float(np.mean(correct)),
-            "mean_confidence": float(np.mean(conf)),
-            "nll": float(np.mean(-np.log(np.maximum(p_gold, metrics.NLL_EPS)))) if np.any(p_gold > 0) else None}
-
-
-# ----------------------------------------------------------------------------------------------
-# Stores
-# ----------------------------------------------------------------------------------------------
-
-
-def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
-                   progress: bool = True) -> tuple[dict, list[dict]]:
-    """Score a teacher from its cached top-k (see the module docstring for exactly what).
-
-    Returns (summary: metrics keys + "bins", "level", "temperature"; predictions in store order)."""
-    data = store.attrs.get("data") or {}
-    mcqa = data.get("format") == "mcqa"
-    record = store.temperature if use_temperature else {}
-    acc = metrics.CalibrationAccumulator(n_bins)
-    nll = _NLL()
-    predictions: list[dict] = []
-    bar = tqdm(total=len(store), unit="seq", desc="evaluating store", dynamic_ncols=True, disable=not progress)
-    if mcqa:
-        labels = list(data.get("choice_labels") or [])
-        choice_ids = torch.tensor(store.choice_token_ids, dtype=torch.long)
-        if not labels or len(labels) != len(choice_ids):
-            raise FirstKDError(f"store {store.path} is a multiple-choice store without option token ids: re-create it "
-                               "with `first-kd cache ... --overwrite`")
-        buffer: list[dict] = []
-        for i in range(len(store)):
-            buffer.append(store.get(i, temperature=use_temperature))
-            if len(buffer) >= _STORE_FLUSH_ROWS or i == len(store) - 1:
-                predictions += _score_mcqa_rows(buffer, choice_ids, labels, acc, nll)
-                bar.update(len(buffer))
-                buffer = []
-    else:
-        buffer, rows = [], 0
-        for i in range(len(store)):
-            rec = store.get(i, temperature=use_temperature)
-            buffer.append(rec)
-            rows += len(rec["target_positions"])
-            if rows >= _STORE_FLUSH_ROWS or i == len(store) - 1:
-                predictions += _score_token_rows(buffer, acc, nll)
-                bar.update(len(buffer))
-                buffer, rows = [], 0
-    bar.close()
-    summary = _finish(acc, nll, "gold probability > 0")
-    summary["level"] = "answer" if mcqa else "token"
-    summary["temperature"] = record or None
-    return summary, predictions
-
-
-def _score_mcqa_rows(records: list[dict], choice_ids: torch.Tensor, labels: list[str],
-                     acc: metrics.CalibrationAccumulator, nll: _NLL) -> list[dict]:
-    # One target position per multiple-choice sequence: the answer position.
-    topk_ids = torch.from_numpy(np.stack([r["topk_ids"][0] for r in records]))
-    topk_probs = torch.from_numpy(np.stack([r["teacher_probs"][0] for r in records]))
-    raw_logprobs = np.stack([r["topk_logprobs"][0] for r in records])
-    n_ch = torch.tensor([r["n_choices"] for r in records], dtype=torch.long)
-    gold = torch.tensor([r["answer_index"] for r in records], dtype=torch.long)
-    probs = options_from_topk(topk_ids, topk_probs, choice_ids, n_ch)
-    acc.update(probs, gold)
-    p_gold = probs.gather(1, gold[:, None])[:, 0].numpy()
-    nll.add(p_gold, only_positive=True)
-    conf, pred = probs.max(dim=-1)
-    out = []
-    for r, rec in enumerate(records):
-        letter_id = int(choice_ids[int(pred[r])])
-        where = np.flatnonzero(rec["topk_ids"][0] == letter_id)
-        n = int(n_ch[r])
-        out.append({
-            "id": rec["id"], "prediction": labels[int(pred[r])], "gold": labels[int(gold[r])],
-            "correct": bool(pred[r] == gold[r]), "confidence": float(conf[r]),
-            "option_probs": {labels[j]: float(probs[r, j]) for j in range(n)},
-            # The teacher's raw (temperature 1) full-vocabulary probability, known only inside the top-k.
-            "p_pred_full": float(np.exp(raw_logprobs[r, where[0]])) if len(where) else None,
-            "options_in_topk": int(np.isin(rec["topk_ids"][0], choice_ids[:n].numpy()).sum()),
-        })
-    return out
-
-
-def _score_token_rows(records: list[dict], acc: metrics.CalibrationAccumulator, nll: _NLL) -> list[dict]:
-    probs_k = np.concatenate([r["teacher_probs"] for r in records])  # [N, k]
-    ids_k = np.concatenate([r["topk_ids"] for r in records])
-    targets = np.concatenate([r["input_ids"][r["target_positions"] + 1] for r in records])
-    hit = ids_k == targets[:, None]
-    inside = hit.any(axis=1)
-    k = probs_k.shape[1]
-    # A (k+1)-th class "outside the top-k" with probability 0 is the label of targets the top-k misses,
-    # so multi-class Brier and NLL see them as the misses they are.
-    probs = np.concatenate([probs_k, np.zeros((len(probs_k), 1), dtype=probs_k.dtype)], axis=1)
-    labels = np.where(inside, hit.argmax(axis=1), k)
-    acc.update(probs, labels)
-    stats = metrics.top_label_statistics(probs, labels)
-    nll.add(stats["p_gold"], only_positive=True)
-    out, at = [], 0
-    for rec in records:
-        n = len(rec["target_positions"])
-        sl = slice(at, at + n)
-        out.append(_token_line(rec["id"], stats["confidence"][sl], stats["correct"][sl], stats["p_gold"][sl]))
-        out[-1]["targets_in_topk"] = int(inside[sl].sum())
-        at += n
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Command
+# Labels
 # ----------------------------------------------------------------------------------------------
 
 
@@ -384,17 +169,6 @@ def default_label(path: str, suffix: str = "") -> str:
     for ext in (".zarr",):
         name = name[: -len(ext)] if name.endswith(ext) else name
     return name + suffix
-
-
-def clean_json(value):
-    """NaN/inf -> None, recursively, so metrics.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,27 +265,16 @@ def _save_figures(directory: Path, summary: dict) -> None:
                                 directory / "reliability.png")
 
 
-@contextlib.contextmanager
-def _naming(path: Path):
-    """A failed write (full disk) raises an OSError that names no file: name the one being written."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-        raise
-
-
 def write_evaluation(directory: Path, summary: dict, predictions: Optional[list]) -> None:
     """predictions.jsonl (unless None), the reliability figure(s) and metrics.json, last, into `directory`
     (a staged one: `first_kd.outputs.staged_dir`)."""
     if predictions is not None:
-        with _naming(directory / "predictions.jsonl"), open(directory / "predictions.jsonl", "w") as f:
+        with name_errors(directory / "predictions.jsonl"), open(directory / "predictions.jsonl", "w") as f:
             for line in predictions:
                 f.write(json.dumps(line) + "\n")
     _save_figures(directory, summary)
-    with _naming(directory / "metrics.json"):
-        write_text_atomic(directory / "metrics.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    with name_errors(directory / "metrics.json"):
+        write_json_atomic(directory / "metrics.json", summary)
 
 
 def relabel(out: Path, metrics_now: dict, label: str) -> int:
@@ -566,6 +329,29 @@ def _measure_model(cfg: EvaluateConfig) -> tuple[dict, list[dict]]:
     return summary, predictions
 
 
+def _measure_generation(cfg: EvaluateConfig) -> tuple[dict, list[dict]]:
+    """`--modes`: the metrics.json body without the label (the first mode's metrics at the top level, every
+    mode's under "modes") and the prediction lines."""
+    from accelerate import PartialState
+
+    from first_kd.data import load_records, unescape
+    from first_kd.data.rationale import load_questions
+    from first_kd.models import load_model, load_tokenizer, resolve_dtype
+
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.revision, cfg.trust_remote_code)
+    questions = load_questions(load_records(cfg), cfg)
+    model = load_model(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
+    summaries, lines = evaluate_generation(
+        model, tokenizer, questions, cfg.modes, cfg.extractor, cfg.slow_marker, cfg.fast_marker,
+        unescape(cfg.step_separator), cfg.max_new_tokens, cfg.batch_size, cfg.n_bins, cfg.chat_template, device)
+    summary = {**summaries[cfg.modes[0]], "model": cfg.model, "data": cfg.data, "split": cfg.split,
+               "source": "model", "dtype": str(dtype).replace("torch.", ""), "temperature": None,
+               "extractor": cfg.extractor, "cue": cfg.cue, "max_new_tokens": cfg.max_new_tokens, "modes": summaries}
+    return summary, lines
+
+
 def _say_result(summary: dict, out: Path) -> None:
     label = summary["label"]
     for mode, s in (summary.get("modes") or {}).items():
@@ -609,9 +395,7 @@ def run_evaluate(cfg: EvaluateConfig) -> int:
             return relabel(out, previous, label)
         with staged_dir(out.resolve()) as stage:
             if cfg.modes:
-                from first_kd.generation_eval import generate_and_score
-
-                summary, predictions = generate_and_score(cfg)
+                summary, predictions = _measure_generation(cfg)
             elif store is not None:
                 summary, predictions = _measure_store(cfg, store)
             else:
