@@ -18,9 +18,9 @@ from first_kd.commands import filter as filters
 from first_kd.cli import main
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.errors import FirstKDError
-from first_kd.commands.filter import (choose_diverse, finetune_cot, jaccard_distance, majority, self_consistency,
-                              strip_cue, to_training_records)
 from first_kd.data.rationale import with_cue
+from first_kd.selection import (choose_diverse, finetune_cot, jaccard_distance, majority, self_consistency, strip_cue,
+                                to_training_records)
 
 CUE = "Let's think step by step."
 
