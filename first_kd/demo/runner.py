@@ -137,7 +137,7 @@ def write_commands(path: Path, cfg, steps: list[Step]) -> None:
         "from the directory",
         "# the demo was run in. The data (data/*.jsonl), the tokenizer and the untrained models (models/)",
         f"# were written by the demo itself (first_kd.demo.{cfg.suite}, first_kd.tiny) before these commands.",
-        "# A finished step refuses to run again (cache) or says there is nothing to do (distill): add",
+        "# The same command on a finished step's output says there is nothing to do and exits 0; add",
         "# --overwrite to redo one.",
         "set -euo pipefail",
         "",
