@@ -125,7 +125,7 @@ def trained(tmp_path_factory):
 
     from first_kd.tiny import build_llama, train_tokenizer
 
-    root = tmp_path_factory.mktemp("generation_eval")
+    root = tmp_path_factory.mktemp("evaluate_modes")
     questions = make_questions()
     train = [{"id": q["id"], "prompt": f"Question: {q['question']}\nAnswer: {CUE}",
               "response": "\n".join(q["steps"] + [f"The answer is {q['answer']}."])} for q in questions]

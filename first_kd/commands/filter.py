@@ -24,7 +24,7 @@ from typing import Literal, Optional
 from first_kd.config import option
 from first_kd.data import unescape
 from first_kd.errors import FirstKDError
-from first_kd.files import json_text, stage_text
+from first_kd.files import file_sha256, json_text, stage_text
 from first_kd.outputs import crash_point, fsync_dir, say_done, settings_diff, writable_parent
 from first_kd.selection import DEFAULT_ANSWER_TEMPLATE, finetune_cot, self_consistency, strip_cue, to_training_records
 
@@ -197,10 +197,6 @@ def read_filter_report(path: Path) -> Optional[dict]:
     return report if isinstance(settings, dict) and "method" in settings else None
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _already_filtered(cfg: FilterConfig, settings: dict) -> bool:
     """Whether --out already holds this very filtering (the run is a no-op). Another filtering, or a file
     filter did not write, is refused without --overwrite. Same settings with an output that is not the one
@@ -220,14 +216,14 @@ def _already_filtered(cfg: FilterConfig, settings: dict) -> bool:
     if diff:
         raise FirstKDError(f"{out} holds filter output made with other settings ({diff}): pass --overwrite to "
                            f"replace it, or choose another --out")
-    return report.get("output_sha256") in (None, _sha256(out.read_bytes()))
+    return report.get("output_sha256") in (None, file_sha256(out))
 
 
 def write_outputs(out: Path, rows_text: str, report: dict) -> None:
     """Both files are written in full before either replaces anything, so a failure (full disk, read-only
     folder, kill) leaves a finished output and its report as they were; the report, holding the output's
     sha256, is renamed first, so a kill between the renames is seen as unfinished and redone by a re-run."""
-    report_text = json_text({**report, "output_sha256": _sha256(rows_text.encode("utf-8"))})
+    report_text = json_text({**report, "output_sha256": hashlib.sha256(rows_text.encode("utf-8")).hexdigest()})
     staged_rows = stage_text(out, rows_text)
     try:
         staged_report = stage_text(report_path(out), report_text)
@@ -244,7 +240,7 @@ def run_filter(cfg: FilterConfig) -> int:
     out = Path(cfg.out)
     writable_parent(out)
     records = read_generated(cfg.input)
-    settings = {"input": str(cfg.input), "input_sha256": _sha256(Path(cfg.input).read_bytes()), "method": cfg.method,
+    settings = {"input": str(cfg.input), "input_sha256": file_sha256(cfg.input), "method": cfg.method,
                 "max_per_question": cfg.max_per_question, "threshold": cfg.threshold,
                 "perturbation": cfg.perturbation, "final_answer_only": cfg.final_answer_only,
                 "answer_template": cfg.answer_template, "cue": cfg.cue}
