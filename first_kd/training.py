@@ -21,6 +21,7 @@ answer_index / n_choices for multiple-choice data (-1 / 0 otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -31,12 +32,12 @@ import torch
 
 from first_kd.batching import collate
 from first_kd.errors import FirstKDError
-from first_kd.losses import chunked_distillation_loss, distillation_loss
+from first_kd.losses import LOGIT_NORM, StudentNorm, chunked_distillation_loss, distillation_loss
 from first_kd.metrics import MODEL_SUMMARY_KEYS, CalibrationAccumulator
 from first_kd.models import last_hidden_states
 from first_kd.outputs import fsync_dir
 from first_kd.scoring import options_from_logits
-from first_kd.temperature import distribution_from_record
+from first_kd.temperature import teacher_target
 
 CHECKPOINT_PREFIX = "step-"  # checkpoints/step-00000042/
 TMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step-00000042/: a save in progress (or killed), never a checkpoint
@@ -47,22 +48,37 @@ TMP_PREFIX = ".tmp-"  # checkpoints/.tmp-step-00000042/: a save in progress (or 
 # ----------------------------------------------------------------------------------------------
 
 
-class StoreExamples:
-    """A teacher store as training examples, with the teacher distribution after `temperature`
-    (a store temperature record; {} = none), computed by first_kd.temperature."""
+@dataclasses.dataclass(frozen=True)
+class TeacherTargets:
+    """How a store's cached top-k log-probs become the distribution the student learns
+    (first_kd.temperature.teacher_target): the temperature record ({} = none), the other bucket, the
+    teacher-side normalisation and the "Distill w/ LS" smoothing."""
 
-    def __init__(self, store, temperature: dict, other_bucket: bool):
+    temperature: dict
+    other_bucket: bool = True
+    norm: str = "auto"
+    eps: float = 1e-6
+    smoothing: float = 0.0
+
+    def __call__(self, topk_logprobs: torch.Tensor) -> torch.Tensor:
+        """[n, k] log-probs -> [n, k] (or [n, k+1] with the bucket) fp32 probabilities."""
+        return teacher_target(topk_logprobs, self.temperature, self.other_bucket, self.norm, self.eps,
+                              self.smoothing)
+
+
+class StoreExamples:
+    """A teacher store as training examples, each with the teacher distribution given by `targets`."""
+
+    def __init__(self, store, targets: TeacherTargets):
         self.store = store
-        self.temperature = temperature
-        self.other_bucket = other_bucket
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.store)
 
     def __getitem__(self, i: int) -> dict:
         rec = self.store.get(int(i), temperature=False)
-        teacher_probs = distribution_from_record(torch.from_numpy(rec["topk_logprobs"]), self.temperature,
-                                                 self.other_bucket)
+        teacher_probs = self.targets(torch.from_numpy(rec["topk_logprobs"]))
         return {
             "input_ids": rec["input_ids"],
             "target_positions": rec["target_positions"],
@@ -131,11 +147,13 @@ class TargetPositionLoss(torch.nn.Module):
     """The student plus its loss as one module, so DDP and accelerate's autocast wrap the whole
     forward (body, gather and loss) rather than only the causal LM's own forward, which we bypass."""
 
-    def __init__(self, model, alpha: float, other_bucket: bool, label_smoothing: float, chunk_size: int):
+    def __init__(self, model, alpha: float, other_bucket: bool, label_smoothing: float, chunk_size: int,
+                 student_norm: StudentNorm = LOGIT_NORM):
         super().__init__()
         self.model = model
         self.alpha, self.other_bucket = alpha, other_bucket
         self.label_smoothing, self.chunk_size = label_smoothing, chunk_size
+        self.student_norm = student_norm
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Summed (not averaged) loss over the batch's target positions: a scalar."""
@@ -146,6 +164,7 @@ class TargetPositionLoss(torch.nn.Module):
             teacher_ids=batch["teacher_ids"], teacher_probs=batch["teacher_probs"],
             alpha=self.alpha, other_bucket=self.other_bucket, label_smoothing=self.label_smoothing,
             chunk_size=self.chunk_size, reduction="sum", head_bias=getattr(head, "bias", None),
+            student_norm=self.student_norm,
         )
 
 
@@ -169,7 +188,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 @torch.no_grad()
 def validate(model, examples, pad_id: int, *, batch_size: int, chunk_size: int, alpha: float, other_bucket: bool,
-             label_smoothing: float, use_teacher: bool, choice_token_ids: list[int], device) -> dict:
+             label_smoothing: float, use_teacher: bool, choice_token_ids: list[int], device,
+             student_norm: StudentNorm = LOGIT_NORM) -> dict:
     """Loss, accuracy and calibration on held-out examples: {"val_loss", "val_ce", "val_KEY" for each of
     metrics.MODEL_SUMMARY_KEYS, "val_level"}.
 
@@ -201,7 +221,8 @@ def validate(model, examples, pad_id: int, *, batch_size: int, chunk_size: int, 
                 logits, targets,
                 teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
                 teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
-                alpha=alpha, other_bucket=other_bucket, label_smoothing=label_smoothing, reduction="sum"))
+                alpha=alpha, other_bucket=other_bucket, label_smoothing=label_smoothing, reduction="sum",
+                student_norm=student_norm))
             ce_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             if not mcqa:
                 probs = torch.softmax(logits, dim=-1)

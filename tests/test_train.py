@@ -189,16 +189,17 @@ def test_first_without_temperature_warns_and_equals_kd(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw, warned", [
-    (dict(), True),  # renormalised top-k KL on free text: nothing constrains the other tokens
-    (dict(other_bucket=True), False),
-    (dict(alpha=0.5), False),
-    (dict(store="mc"), False),  # multiple choice: the answer is read over the option letters only
+    (dict(), False),  # the default other bucket ties the student's mass on the top-k to the teacher's
+    (dict(other_bucket=False), True),  # renormalised top-k KL: nothing constrains the other tokens
+    (dict(other_bucket=False, store="mc"), True),  # multiple choice too: the letters' full mass is free
+    (dict(other_bucket=False, alpha=0.5), False),
+    (dict(other_bucket=False, student_norm="prob-softmax"), False),  # absolute probabilities: mass is held
 ])
-def test_generative_store_without_other_bucket_or_ce_warns(world, tmp_path, capsys, kw, warned):
+def test_renormalised_kl_without_bucket_or_ce_warns(world, tmp_path, capsys, kw, warned):
     if kw.get("store") == "mc":
-        kw = dict(store=str(world["val_store"]))
+        kw = dict(kw, store=str(world["val_store"]))
     run_distill(_cfg(world, tmp_path / "run", max_steps=1, **kw))
-    assert ("--other-bucket" in capsys.readouterr().err) == warned
+    assert ("--no-other-bucket" in capsys.readouterr().err) == warned
 
 
 def test_store_with_dropped_steps_warns_kl_students(world, tmp_path, capsys):
@@ -215,9 +216,11 @@ def test_store_with_dropped_steps_warns_kl_students(world, tmp_path, capsys):
     assert "dropped steps" not in capsys.readouterr().err
 
 
-def _oracle(w, record: dict, loss: str) -> dict:
+def _oracle(w, record: dict, loss: str, bucket: bool = True) -> dict:
     """Validation numbers computed independently: full logits from the HF forward, the teacher top-k
-    read raw from the store, the temperature applied by hand, KL / CE spelled out."""
+    read raw from the store, the temperature applied by hand, KL / CE spelled out. With the bucket (the
+    default) both sides get a (k+1)-th category: the teacher's own rest mass, the student's full-vocabulary
+    mass outside the ids; without it both are renormalised over the ids."""
     from transformers import AutoModelForCausalLM
 
     from first_kd.metrics import calibration_summary
@@ -241,7 +244,13 @@ def _oracle(w, record: dict, loss: str) -> dict:
             p = torch.softmax(p_raw / record["value"], dim=-1)
         else:
             p = p_raw / p_raw.sum(-1, keepdim=True)
-        log_q = torch.log_softmax(z.gather(1, torch.tensor(r["topk_ids"])), dim=-1)
+        if bucket:
+            rest = 1 - p_raw.sum(-1, keepdim=True)
+            p = torch.cat([p * (1 - rest), rest], dim=-1)
+            q = torch.softmax(z, dim=-1).gather(1, torch.tensor(r["topk_ids"]))
+            log_q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], dim=-1).log()
+        else:
+            log_q = torch.log_softmax(z.gather(1, torch.tensor(r["topk_ids"])), dim=-1)
         kl += float((p * (p.log() - log_q)).sum())
         ce += float(torch.nn.functional.cross_entropy(z, ids[0, pos + 1], reduction="sum"))
         n += len(pos)
@@ -253,20 +262,21 @@ def _oracle(w, record: dict, loss: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss, store_key, record", [
-    ("first", "store_t", TEMPERATURE), ("kd", "store_t", {}), ("ce", "store", {}),
+@pytest.mark.parametrize("loss, store_key, record, bucket", [
+    ("first", "store_t", TEMPERATURE, True), ("first", "store_t", TEMPERATURE, False), ("kd", "store_t", {}, True),
+    ("ce", "store", {}, True),
 ])
-def test_validation_matches_independent_oracle(world, tmp_path, loss, store_key, record):
+def test_validation_matches_independent_oracle(world, tmp_path, loss, store_key, record, bucket):
     # lr 1e-30 leaves the fp32 weights unchanged, so the end-of-run validation sees the initial student.
     cfg = _cfg(world, tmp_path / loss, loss=loss, store=str(world[store_key]), val_store=str(world["val_store"]),
-               max_steps=1, lr=1e-30)
+               max_steps=1, lr=1e-30, other_bucket=bucket)
     run_distill(cfg)
     got = _metrics(tmp_path / loss)[-1]
-    want = _oracle(world, record, loss)
+    want = _oracle(world, record, loss, bucket)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     if loss == "first":  # the temperature changed the target: first != kd on a calibrated store
-        assert abs(want["val_loss"] - _oracle(world, {}, "kd")["val_loss"]) > 1e-3
+        assert want["val_loss"] != pytest.approx(_oracle(world, {}, "kd", bucket)["val_loss"], rel=0.05)
 
 
 # ----------------------------------------------------------------------------------------------

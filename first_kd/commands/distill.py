@@ -66,12 +66,13 @@ from first_kd.batching import collate
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
-from first_kd.files import write_text_atomic
+from first_kd.files import clean_json, write_json_atomic
+from first_kd.losses import StudentNorm
 from first_kd.models import ModelOptions
 from first_kd.outputs import (STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff,
                               writable_parent)
 from first_kd.temperature import describe
-from first_kd.training import (DataExamples, Prefix, StoreExamples, TargetPositionLoss, checkpoint_dir,
+from first_kd.training import (DataExamples, Prefix, StoreExamples, TargetPositionLoss, TeacherTargets, checkpoint_dir,
                                clear_interrupted_saves, epoch_permutation, list_checkpoints, load_checkpoint,
                                param_groups, save_checkpoint, save_final_model, to_device, validate)
 
@@ -92,7 +93,22 @@ class DistillConfig(ModelOptions, DataConfig):
     store: Optional[str] = option(None, help="teacher top-k store from `first-kd cache` (needed by first/kd; "
                                              "ce trains on its tokens when --data is not given)")
     alpha: float = option(0.0, help="weight of CE mixed into the KL losses: (1 - alpha) * KL + alpha * CE")
-    other_bucket: bool = option(False, help="add a (k+1)-th category with the teacher mass outside the top-k")
+    other_bucket: bool = option(
+        True, help="compare k+1 categories, the last the mass outside the teacher's top-k, so the student's "
+                   "full-vocabulary mass on the top-k follows the teacher's; --no-other-bucket renormalises both "
+                   "over the top-k, which leaves the student's mass on those ids free (see README)")
+    student_norm: Literal["logit", "prob-softmax", "linear"] = option(
+        "logit", help="student side of the KL: logit = softmax of its logits at the ids (with the bucket: its "
+                      "full-vocabulary probabilities); prob-softmax = softmax(q / --student-temperature) of its "
+                      "full-vocabulary probabilities q (the FIRST authors' --use_norm softmax); linear = "
+                      "(q + eps) / sum")
+    student_temperature: float = option(1.0, help="temperature of --student-norm prob-softmax")
+    teacher_norm: Literal["auto", "logit", "prob-softmax", "linear"] = option(
+        "auto", help="teacher side: auto = the store's calibrated temperature form (renormalised top-k without "
+                     "one); logit / prob-softmax force that form; linear = (p + eps) / sum, no temperature")
+    norm_eps: float = option(1e-6, help="eps of the linear normalisations")
+    teacher_smoothing: float = option(0.0, help="'Distill w/ LS' baseline: move this fraction of the teacher's "
+                                                "top-1 probability evenly to its other top-k ids")
     label_smoothing: float = option(0.0, help="label smoothing of the CE term")
     epochs: int = option(1, help="passes over the training examples (ignored when --max-steps > 0)")
     max_steps: int = option(0, help="optimizer steps to run; 0 = as many as --epochs take")
@@ -140,6 +156,12 @@ class DistillConfig(ModelOptions, DataConfig):
         checks = [
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1]; got {self.alpha}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1); got {self.label_smoothing}"),
+            (0.0 <= self.teacher_smoothing < 1.0,
+             f"--teacher-smoothing must be in [0, 1); got {self.teacher_smoothing}"),
+            (self.student_temperature > 0 and math.isfinite(self.student_temperature),
+             f"--student-temperature must be a finite number > 0; got {self.student_temperature}"),
+            (self.norm_eps > 0 and math.isfinite(self.norm_eps), f"--norm-eps must be a finite number > 0; "
+                                                                  f"got {self.norm_eps}"),
             (self.epochs >= 1 or self.max_steps > 0, f"--epochs must be >= 1; got {self.epochs}"),
             (self.max_steps >= 0, f"--max-steps must be >= 0; got {self.max_steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1; got {self.batch_size}"),
@@ -328,6 +350,7 @@ def _validate(cfg: DistillConfig, student, val, use_teacher: bool, choice_token_
     """The val_* numbers of held-out examples, measured with the run's loss options."""
     return validate(student, val, pad_id, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size, alpha=cfg.alpha,
                     other_bucket=cfg.other_bucket, label_smoothing=cfg.label_smoothing, use_teacher=use_teacher,
+                    student_norm=student_norm(cfg),
                     choice_token_ids=choice_token_ids, device=device)
 
 
@@ -398,7 +421,7 @@ def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
         if cfg.loss == "first" and not temperature:
             _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
                   "`first-kd calibrate` on it first to distil calibrated targets (proceeding uncalibrated)")
-        train = StoreExamples(store, temperature, cfg.other_bucket)
+        train = StoreExamples(store, _teacher_targets(cfg, temperature))
         if use_teacher:
             _warn_generative_store(store.attrs.get("data") or {}, cfg)
         if cfg.data:
@@ -412,12 +435,27 @@ def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
     return train, temperature
 
 
+def _teacher_targets(cfg: DistillConfig, temperature: dict) -> TeacherTargets:
+    """The teacher distribution the options ask for, checked once against the store's temperature form."""
+    targets = TeacherTargets(temperature, cfg.other_bucket, cfg.teacher_norm, cfg.norm_eps, cfg.teacher_smoothing)
+    try:
+        targets(torch.zeros(1, 2))
+    except ValueError as e:
+        raise FirstKDError(str(e)) from None
+    return targets
+
+
+def student_norm(cfg: DistillConfig) -> StudentNorm:
+    """The student side of the KL the options ask for."""
+    return StudentNorm(cfg.student_norm, cfg.student_temperature, cfg.norm_eps)
+
+
 def _validation_examples(cfg: DistillConfig, tokenizer, model, temperature: dict, use_teacher: bool):
     """(held-out examples or None, whether they carry the teacher, the option-letter ids of MCQA data)."""
     if cfg.val_store:
         val_store = _open_store(cfg.val_store, tokenizer, model)
         # Validate against the same targets as training: the training store's temperature for `first`.
-        val = StoreExamples(val_store, temperature, cfg.other_bucket)
+        val = StoreExamples(val_store, _teacher_targets(cfg, temperature))
         return (Prefix(val, cfg.val_limit) if cfg.val_limit else val), use_teacher, val_store.choice_token_ids
     if cfg.val_data:
         val, choice_ids = _data_examples(cfg, tokenizer, cfg.val_data, cfg.val_split or cfg.split, cfg.val_limit)
@@ -462,7 +500,8 @@ def _optimization(cfg: DistillConfig, model, total_steps: int, accelerator):
     schedule = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
     # Stepped by hand once per optimizer step (accelerate's wrapper would step it once per process).
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-    loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size)
+    loss_module = TargetPositionLoss(model, cfg.alpha, cfg.other_bucket, cfg.label_smoothing, cfg.chunk_size,
+                                     student_norm(cfg))
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     return loss_module, optimizer, scheduler, warmup_steps
 
@@ -507,7 +546,7 @@ def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summa
     """Main process: the final model and summary.json (last), then a staged run replaces the old one."""
     save_final_model(work, student, tokenizer)
     summary = {**summary, "model": str(out / "model")}
-    write_text_atomic(work / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(work / "summary.json", clean_json(summary))
     if not cfg.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
     if writer is not None:
@@ -625,11 +664,12 @@ def _warn(message: str) -> None:
 
 def _warn_generative_store(data: dict, cfg: "DistillConfig") -> None:
     """Two ways a KL student over free-text targets can learn the wrong thing, told before training."""
-    if data.get("format") == "prompt-response" and not cfg.other_bucket and cfg.alpha == 0:
-        # Measured on the reasoning demo: a student trained this way fits the training rationales yet writes
-        # stray tokens when it generates, because nothing pushed their logits down.
-        _warn("the renormalised top-k KL constrains only the teacher's top-k ids, so a student that generates "
-              "free text can put mass anywhere else: add --other-bucket (FIRST's (k+1)-th bucket) or --alpha > 0")
+    if not cfg.other_bucket and cfg.alpha == 0 and cfg.student_norm == "logit":
+        # Measured on both demos: a student trained this way fits its targets renormalised, yet puts almost
+        # none of its full-vocabulary mass on them (2.6% on the answer letters; stray tokens when it writes).
+        _warn("--no-other-bucket: the renormalised top-k KL constrains only the teacher's top-k ids relative to "
+              "each other, so the student can put its mass anywhere else; its next-token distribution is not "
+              "usable as a language model (drop --no-other-bucket, or set --alpha > 0)")
     levels = data.get("trace_levels")
     if levels and any(0 < level < 1 for level in levels):
         _warn("this store holds traces with dropped steps: after a skip the teacher's top-k predicts the step it "
