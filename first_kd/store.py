@@ -20,6 +20,10 @@ only after unit u's rows are on disk. `complete` is set last, after every unit i
 
 Temperature is not baked into the arrays: it lives in the `temperature` attribute and is applied when
 reading (first_kd.temperature), so re-calibrating never re-runs the teacher.
+
+This module is the format: planning and writing a store (`first-kd cache`, first_kd.commands.cache),
+recording temperature fits (`first-kd calibrate`), reading it (`open_store`) and checking every
+invariant (`verify`, which `first-kd inspect` reports).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Optional
@@ -39,9 +42,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from first_kd.config import option
 from first_kd.errors import FirstKDError
-from first_kd.outputs import crash_point
+from first_kd.outputs import crash_point, fsync_dir
 
 FORMAT_NAME = "first-kd-topk"
 FORMAT_VERSION = 1
@@ -245,6 +247,26 @@ def unit_rows(group: zarr.Group, unit: int) -> tuple[int, int]:
     return unit * cp, min((unit + 1) * cp, n_pos)
 
 
+def unit_sequences(group: zarr.Group, unit: int, seq_offsets: np.ndarray, pos_offsets: np.ndarray
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What the teacher must see to fill `unit`: the sequences owning its rows (int64 token ids) and, for
+    each, its target positions whose rows are in the unit; in store order, so their rows one after the
+    other are the unit's rows. `seq_offsets` and `pos_offsets` are the store's offset arrays (read once
+    by the caller: `group["seq_offsets"][:]`)."""
+    lo, hi = unit_rows(group, unit)
+    first = int(np.searchsorted(pos_offsets, lo, side="right")) - 1
+    last = int(np.searchsorted(pos_offsets, hi, side="left"))
+    base = int(seq_offsets[first]) if last > first else 0
+    # The unit's sequences are contiguous in input_ids and its rows in target_positions: one read each.
+    tokens = group["input_ids"][base: int(seq_offsets[last]) if last > first else 0].astype(np.int64)
+    targets = group["target_positions"][lo:hi].astype(np.int64)
+    sequences, positions = [], []
+    for i in range(first, last):
+        sequences.append(tokens[int(seq_offsets[i]) - base: int(seq_offsets[i + 1]) - base])
+        positions.append(targets[max(int(pos_offsets[i]), lo) - lo: min(int(pos_offsets[i + 1]), hi) - lo])
+    return sequences, positions
+
+
 def pending_units(group: zarr.Group) -> list[int]:
     """Units whose rows are not known to be on disk (a torn marker chunk counts as not done)."""
     done = group["units_done"]
@@ -301,20 +323,7 @@ def update_attrs(path, changes: dict, remove: tuple = ()) -> None:
         if isinstance(e, OSError) and not e.filename:  # a failed write() names no file: name the store
             e.filename = str(path)
         raise
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def clear_partials(path) -> int:
@@ -383,7 +392,8 @@ def pending_fit_problem(path, attrs: dict) -> str:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-def _resume_hint(path) -> str:
+def resume_hint(path) -> str:
+    """How to finish an incomplete store (the advice of every reader that refuses one)."""
     return f"re-run the same `first-kd cache ... --out {path}` command to resume it"
 
 
@@ -504,7 +514,7 @@ def open_store(path, require_complete: bool = True) -> TopKStore:
         raise FirstKDError(f"{path} uses store format {attrs['format_version']}, newer than this first-kd "
                            f"({FORMAT_VERSION}): upgrade first-kd")
     if require_complete and not attrs.get("complete"):
-        raise FirstKDError(f"store {path} is incomplete (the teacher pass did not finish): {_resume_hint(path)}")
+        raise FirstKDError(f"store {path} is incomplete (the teacher pass did not finish): {resume_hint(path)}")
     if require_complete:
         missing = _missing_chunks(group)
         if missing:
@@ -520,7 +530,7 @@ def _missing_chunks(group: zarr.Group) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Verification and `first-kd inspect`
+# Verification (what `first-kd inspect` reports)
 # ----------------------------------------------------------------------------------------------
 
 def bytes_on_disk(path: Path, prefix: str = "") -> int:
@@ -529,7 +539,7 @@ def bytes_on_disk(path: Path, prefix: str = "") -> int:
 
 
 class DamagedStore(Exception):
-    pass
+    """A store that breaks an invariant of the format (the message names the first one found)."""
 
 
 def verify(path) -> dict:
@@ -621,57 +631,3 @@ def verify(path) -> dict:
         "units_done": int(attrs["n_units"]) - len(pending_units(group)),
         "n_units": int(attrs["n_units"]),
     }
-
-
-@dataclasses.dataclass
-class InspectConfig:
-    store: str = option(help="path of the store to verify", positional=True)
-    json: bool = option(False, help="print machine-readable JSON instead of the human summary")
-
-    def validate(self):
-        if not self.store:
-            raise FirstKDError("give the store path: first-kd inspect STORE")
-
-
-def _human(summary: dict) -> str:
-    t = summary["temperature"]
-    temp = f"{t['form']} {t['value']:.4g} (ECE {t.get('ece_before', float('nan')):.4f} -> " \
-           f"{t.get('ece_after', float('nan')):.4f})" if t else "none (run first-kd calibrate)"
-    if t.get("fit_id"):
-        temp += f", fit {t['fit_id']}"
-    if summary.get("temperature_pending"):
-        temp = "HALF-WRITTEN (an interrupted `first-kd calibrate`: re-run it to finish)"
-    teacher = summary.get("teacher") or {}
-    lines = [
-        f"store      {summary['path']}",
-        f"status     {'complete' if summary['complete'] else 'INCOMPLETE'} "
-        f"({summary['units_done']}/{summary['n_units']} units written)",
-        f"teacher    {teacher.get('name')} (dtype {teacher.get('dtype')})",
-        f"data       {summary['n_sequences']:,} sequences, {summary['n_tokens']:,} tokens, "
-        f"{summary['n_positions']:,} target positions ({(summary.get('data') or {}).get('format')})",
-        f"top-k      k={summary['k']}, vocab {summary['vocab_size']:,}",
-        f"disk       {summary['bytes_on_disk'] / 1e6:.2f} MB; {summary['bytes_per_position']:.2f} bytes/position "
-        f"(top-k), {summary['bytes_per_position_total']:.2f} with inputs",
-    ]
-    if summary["mean_topk_mass"] is not None:
-        lines.append(f"mass       mean top-{summary['k']} mass {summary['mean_topk_mass']:.4f}, "
-                     f"p10 {summary['topk_mass_p10']:.4f}")
-    lines.append(f"temperature {temp}")
-    return "\n".join(lines)
-
-
-def run_inspect(cfg: InspectConfig) -> int:
-    try:
-        summary = verify(cfg.store)
-    except DamagedStore as e:
-        if cfg.json:
-            print(json.dumps({"path": cfg.store, "damaged": str(e), "complete": False}))
-        raise FirstKDError(f"store {cfg.store} is damaged: {e}; re-create it with `first-kd cache ... --overwrite`")
-    print(json.dumps(summary) if cfg.json else _human(summary))
-    if not summary["complete"]:
-        print(f"first-kd inspect: store {cfg.store} is incomplete: {_resume_hint(cfg.store)}", file=sys.stderr)
-        return 1
-    if summary["temperature_pending"]:
-        print(f"first-kd inspect: {summary['temperature_pending']}", file=sys.stderr)
-        return 1
-    return 0

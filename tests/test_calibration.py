@@ -6,11 +6,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
-import resource
-import shutil
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -22,8 +17,10 @@ import torch
 
 from first_kd import calibration as C
 from first_kd import store as S
+from first_kd.commands import calibrate as calibrate_command
 from first_kd.cli import main
 from first_kd.errors import FirstKDError
+from helpers import read_only_dir, run_cli
 
 T_TRUE = 2.5
 
@@ -262,34 +259,22 @@ def test_refuses_other_k_and_missing_val_store(pair, tmp_path, capsys):
     assert main(["calibrate", "--store", str(train)]) == 2
     assert "--val-store" in _error_line(capsys)
     with pytest.raises(FirstKDError, match="not found"):
-        C.run_calibrate(C.CalibrateConfig(store=str(train), val_store=str(tmp_path / "nope.zarr")))
+        calibrate_command.run_calibrate(
+            calibrate_command.CalibrateConfig(store=str(train), val_store=str(tmp_path / "nope.zarr")))
 
 
 def test_summary_flags_a_fit_at_the_edge_of_its_range_and_a_worse_ece():
     record = {"form": "prob", "value": 1.0, "objective": "ece", "ece_before": 0.10, "ece_after": 0.12,
               "nll_before": 1.0, "nll_after": None, "n_positions": 10, "n_nll_positions": 0, "level": "answer"}
-    text = C.summary_text(record, "train.zarr", "val.zarr")
+    text = calibrate_command.summary_text(record, "train.zarr", "val.zarr")
     assert "edge of the coarse grid" in text and "does not lower ECE" in text and "n/a" in text
     record.update(value=0.62, ece_after=0.05)
-    text = C.summary_text(record, "train.zarr", "val.zarr")
+    text = calibrate_command.summary_text(record, "train.zarr", "val.zarr")
     assert "c = 0.62" in text and "note" not in text and len(text.splitlines()) <= 8
 
 
 # ----------------------------------------------------------------------------------------------
 # the command under faults: re-runs, kills, damage, full disks, read-only directories
-
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, env=None, limit_bytes=None):
-    """`python -m first_kd.cli ARGS` in a subprocess; `limit_bytes` caps the size of any file it writes
-    (RLIMIT_FSIZE: Python ignores SIGXFSZ, so a write past it fails with EFBIG, as on a full disk)."""
-    def cap():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, env=dict(os.environ, **(env or {})),
-                          capture_output=True, text=True, preexec_fn=cap if limit_bytes else None)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -308,26 +293,6 @@ def stray_files(*stores) -> list[str]:
         s = Path(s)
         found += [str(p) for p in s.rglob("*.partial")] + [str(p) for p in s.parent.glob(f".{s.name}*.tmp")]
     return found
-
-
-@contextlib.contextmanager
-def read_only_dir(path: Path):
-    """Make `path` a directory nothing can be created in or renamed into. Root (CI runs tests as root)
-    ignores permission bits, so there the directory is made immutable (chattr +i); where neither works
-    the test is skipped."""
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        try:
-            yield
-        finally:
-            path.chmod(0o755)
-        return
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-        pytest.skip("running as root on a filesystem without chattr +i: cannot make a read-only directory")
-    try:
-        yield
-    finally:
-        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def calibrate_args(train, val, *extra):
