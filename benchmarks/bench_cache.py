@@ -21,7 +21,7 @@ Needs ../shared/data (ARC-Easy, CommonsenseQA, the GPT-2 tokenizer); nothing is 
    stored entry of |exp(stored fp16 log-prob) - exp(fp32 log-prob of the same id from the model)|, the
    fp32 values recomputed by a separate unpadded full forward per sequence.
 2. Pass time (Llama 4 layers, hidden 512, intermediate 2048, vocab 32,000, random init; batch 4 x
-   seq 512; fp32): `first_kd.commands.cache.topk_at_positions` with every position a target vs
+   seq 512; fp32): `first_kd.engines.hf.topk_at_positions` with every position a target vs
    `model(input_ids).logits`, both under inference_mode, interleaved round by round on the same
    batch (warmup, then the median of the timed rounds), so load changes hit both alike.
    overhead_ratio = topk / plain. Then the whole `first-kd cache` command (load, tokenize, plan,
@@ -319,8 +319,8 @@ def bench_time(work: Path, cfg: dict, progress) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    import first_kd.engines.hf as teacher_mod
     import first_kd.store as store_mod
-    import first_kd.commands.cache as teacher_mod
 
     model_dir, data = _timing_teacher(work, cfg)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -1,8 +1,13 @@
-"""Loading causal LMs and tokenizers by hub id or local path, with one-line errors."""
+"""Loading causal LMs and tokenizers by hub id or local path, with one-line errors, and telling models
+apart by their weights (`weights_fingerprint`), not by the path they were loaded from."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import struct
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -88,3 +93,86 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Model identity: a fingerprint of the weights
+# ----------------------------------------------------------------------------------------------
+
+WEIGHTS_METHOD = "safetensors-sampled-v1"
+_SAMPLE_BYTES = 4096
+_SAMPLES_PER_TENSOR = 4
+
+
+def weight_files(name_or_path: str, revision: Optional[str] = None) -> list[Path]:
+    """A model's safetensors files, found without a network: a local directory, or the hub cache.
+    [] when there are none (a .bin-only model, or a hub model not downloaded yet)."""
+    local = Path(name_or_path)
+
+    def find(name: str) -> Optional[Path]:
+        if local.is_dir():
+            return local / name if (local / name).is_file() else None
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(name_or_path, name, revision=revision)
+        except Exception:  # not a hub id at all
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    index = find("model.safetensors.index.json")
+    if index is not None:
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [find(name) for name in names]
+        return files if files and all(files) else []
+    single = find("model.safetensors")
+    return [single] if single is not None else []
+
+
+def _sample_starts(size: int) -> list[int]:
+    """Offsets of the byte windows read from a tensor of `size` bytes: evenly spread, both ends included."""
+    if size <= _SAMPLE_BYTES:
+        return [0]
+    last = size - _SAMPLE_BYTES
+    return sorted({round(j * last / (_SAMPLES_PER_TENSOR - 1)) for j in range(_SAMPLES_PER_TENSOR)})
+
+
+def weights_fingerprint(name_or_path: str, revision: Optional[str] = None) -> Optional[dict]:
+    """A cheap fingerprint of a model's weights, or None when it has no safetensors files in reach.
+
+    sha256 over every tensor, by name: its name, dtype, shape and byte size (from the safetensors
+    headers) and 4 windows of 4 KiB of its stored bytes (start, end and two between). It reads about
+    16 KiB per tensor, about 12 MB for a 70B model, whatever the weights' dtype at load time; it does not
+    depend on how the tensors are split into shard files. A fine-tune changes every element of the
+    matrices it trains, so two models with different weights differ here (stores record their teacher's,
+    so that `calibrate` compares teachers by what they are).
+    """
+    files = weight_files(name_or_path, revision)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    try:
+        tensors = {}
+        for path in files:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            tensors.update({name: (path, 8 + n, info) for name, info in header.items() if name != "__metadata__"})
+        handles = {}
+        try:
+            for name in sorted(tensors):
+                path, base, info = tensors[name]
+                lo, hi = info["data_offsets"]
+                h.update(json.dumps([name, info["dtype"], info["shape"], hi - lo]).encode())
+                if path not in handles:
+                    handles[path] = open(path, "rb")
+                f = handles[path]
+                for start in _sample_starts(hi - lo):
+                    f.seek(base + lo + start)
+                    h.update(f.read(min(_SAMPLE_BYTES, hi - lo - start)))
+        finally:
+            for f in handles.values():
+                f.close()
+    except (ValueError, KeyError, TypeError, struct.error):  # not a safetensors file: loading will say so
+        return None
+    return {"method": WEIGHTS_METHOD, "sha256": h.hexdigest(), "n_tensors": len(tensors)}

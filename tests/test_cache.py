@@ -7,7 +7,6 @@ left behind).
 
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -22,45 +21,17 @@ from first_kd.cli import main
 from first_kd.errors import FirstKDError
 from first_kd.store import open_store
 
-from conftest import LETTERS, _WORDS
+from helpers import build_peaked_model, mcqa_records, pr_records, read_only_dir, run_cli, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def mcqa_records(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        texts = [" ".join(rng.choices(_WORDS, k=rng.randint(1, 3))) for _ in LETTERS]
-        out.append({"id": f"mc-{i}", "question": " ".join(rng.choices(_WORDS, k=rng.randint(3, 12))) + "?",
-                    "choices": {"label": list(LETTERS), "text": texts}, "answerKey": rng.choice(LETTERS)})
-    return out
-
-
-def pr_records(n, seed=0):
-    rng = random.Random(seed)
-    return [{"id": f"pr-{i}", "prompt": " ".join(rng.choices(_WORDS, k=rng.randint(2, 10))),
-             "response": " ".join(rng.choices(_WORDS, k=rng.randint(1, 12)))} for i in range(n)]
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama whose output head is scaled up, so its distributions are peaked like a trained
     model's and top-k order is not decided by float noise."""
-    from transformers import AutoModelForCausalLM
-
-    from first_kd.tiny import build_llama
-
-    path = build_llama(tmp_path_factory.mktemp("teacher") / "model", tiny_tokenizer, hidden_size=64, num_layers=2)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    model.save_pretrained(path)
+    path = build_peaked_model(tmp_path_factory.mktemp("teacher") / "model", tiny_tokenizer, hidden_size=64,
+                              num_layers=2)
     return str(path)
 
 
@@ -109,12 +80,6 @@ def test_topk_matches_direct_full_forward(tmp_path, teacher_dir, data_files, kin
     if kind == "mcqa":
         assert store.attrs["data"]["format"] == "mcqa"
         assert len(store.attrs["data"]["choice_token_ids"]) == 5
-
-
-def run_cli(args, env=None, check=False):
-    full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +252,7 @@ def _copy_teacher(src, dst, change=None, **save):
 
 
 def test_weights_fingerprint_sees_weights_not_files(tmp_path, teacher_dir):
-    from first_kd.commands.cache import weights_fingerprint
+    from first_kd.models import weights_fingerprint
 
     base = weights_fingerprint(teacher_dir)
     assert base and base["method"] == "safetensors-sampled-v1"
@@ -323,16 +288,13 @@ def test_calibrate_refuses_stores_of_other_weights_under_the_same_name(tmp_path,
 
 def test_full_disk_is_one_line_naming_the_store_and_the_rerun_finishes(tmp_path, teacher_dir, data_files,
                                                                        reference_store):
-    import resource
-
     out = tmp_path / "s.zarr"
     args = ["cache", "--teacher", teacher_dir, "--data", str(data_files["pr"]), "--out", str(out),
             "--chunk-positions", "64", "--batch-size", "3"]
     assert run_cli(args, env={"FIRST_KD_CRASH_AT": "planned"}).returncode == -9
     # No file may grow past the planned store's metadata: marking the store complete at the latest fails.
     limit = (out / "zarr.json").stat().st_size + 1
-    full = subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    full = run_cli(args, limit_bytes=limit)
     lines = [line for line in full.stderr.splitlines() if line.startswith("first-kd")]
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
     assert len(lines) == 1 and "EFBIG" in lines[0] and str(out) in lines[0]
@@ -345,8 +307,6 @@ def test_full_disk_is_one_line_naming_the_store_and_the_rerun_finishes(tmp_path,
 
 
 def test_read_only_output_directory_is_one_line(tmp_path, teacher_dir, data_files):
-    from test_calibration import read_only_dir
-
     parent = tmp_path / "ro"
     parent.mkdir()
     with read_only_dir(parent):

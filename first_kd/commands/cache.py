@@ -1,15 +1,15 @@
 """The teacher pass (`first-kd cache`): run the teacher once, keep its top-k at target positions.
 
 Work is split into units of `chunk_positions` store rows (see first_kd.store). Each process takes
-every num_processes-th pending unit, runs the teacher on the sequences that own the unit's rows and
-writes the rows; a killed pass re-run with the same command redoes only units not marked done. Because
-a unit's batches depend only on the unit, never on the process count or on what ran before, a resumed
-or multi-process pass is array-equal to a single uninterrupted one.
+every num_processes-th pending unit, has the engine (first_kd.engines) run the teacher on the sequences
+that own the unit's rows, and writes the rows; a killed pass re-run with the same command redoes only
+units not marked done. Because a unit's batches depend only on the unit, never on the process count or
+on what ran before, a resumed or multi-process pass is array-equal to a single uninterrupted one.
 
 The main process holds a lock on --out for the whole pass, so a rival pass stops at once; the same
 command on a finished store is a no-op that never loads the teacher (see `pass_identity`), and the store
-records a cheap fingerprint of the teacher's weights (`weights_fingerprint`) so that `calibrate` can tell
-teachers apart by what they are, not by the path they were loaded from.
+records a cheap fingerprint of the teacher's weights (first_kd.models.weights_fingerprint) so that
+`calibrate` can tell teachers apart by what they are, not by the path they were loaded from.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
-import json
-import struct
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -32,11 +29,12 @@ from tqdm.auto import tqdm
 
 from first_kd import __version__
 from first_kd import store as topk_store
-from first_kd.batching import pad_right
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
+from first_kd.data.tokenize import data_fingerprint
+from first_kd.engines.hf import unit_topk
 from first_kd.errors import FirstKDError
-from first_kd.models import ModelOptions, head_logits, last_hidden_states, load_model, load_tokenizer, resolve_dtype
+from first_kd.models import ModelOptions, load_model, load_tokenizer, resolve_dtype, weights_fingerprint
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff
 
 
@@ -63,124 +61,6 @@ class CacheConfig(ModelOptions, DataConfig):
             raise FirstKDError(f"--k must be >= 1, got {self.k}")
         if self.batch_size < 1 or self.chunk_positions < 1:
             raise FirstKDError("--batch-size and --chunk-positions must be >= 1")
-
-
-def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head_chunk: int = 4096):
-    """Top-k of the full-vocabulary log-softmax at selected positions only.
-
-    Args:
-        input_ids, attention_mask: [B, S] (right-padded).
-        rows, cols: [N] batch row and sequence position of each wanted position.
-    Returns:
-        (ids [N, k] int64, logprobs [N, k] float32), ids by decreasing probability.
-
-    Runs the transformer body once, then the output head on the N wanted hidden states only, in
-    chunks: a [B, S, V] logits tensor is never built, which is why the pass costs no more than a
-    plain forward.
-    """
-    picked = last_hidden_states(model, input_ids, attention_mask)[rows, cols]
-    out_ids, out_lp = [], []
-    for lo in range(0, picked.shape[0], head_chunk):
-        logits = head_logits(model, picked[lo: lo + head_chunk])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, ids = torch.topk(logprobs, k, dim=-1)
-        out_ids.append(ids)
-        out_lp.append(values)
-    return torch.cat(out_ids), torch.cat(out_lp)
-
-
-def data_fingerprint(tokenized) -> str:
-    """sha256 of exactly what the teacher will see and where its targets are."""
-    h = hashlib.sha256()
-    table = tokenized.data
-    for name in ("id", "input_ids", "target_start"):
-        col = table.column(name).combine_chunks()
-        for buf in col.buffers():
-            if buf is not None:
-                h.update(memoryview(buf))
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------
-# Fingerprint of the teacher's weights
-# ----------------------------------------------------------------------------------------------
-
-WEIGHTS_METHOD = "safetensors-sampled-v1"
-_SAMPLE_BYTES = 4096
-_SAMPLES_PER_TENSOR = 4
-
-
-def weight_files(teacher: str, revision: Optional[str] = None) -> list[Path]:
-    """The teacher's safetensors files, found without a network: a local directory, or the hub cache.
-    [] when there are none (a .bin-only teacher, or a hub teacher not downloaded yet)."""
-    local = Path(teacher)
-
-    def find(name: str) -> Optional[Path]:
-        if local.is_dir():
-            return local / name if (local / name).is_file() else None
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            found = try_to_load_from_cache(teacher, name, revision=revision)
-        except Exception:  # not a hub id at all
-            return None
-        return Path(found) if isinstance(found, str) else None
-
-    index = find("model.safetensors.index.json")
-    if index is not None:
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        files = [find(name) for name in names]
-        return files if files and all(files) else []
-    single = find("model.safetensors")
-    return [single] if single is not None else []
-
-
-def _sample_starts(size: int) -> list[int]:
-    """Offsets of the byte windows read from a tensor of `size` bytes: evenly spread, both ends included."""
-    if size <= _SAMPLE_BYTES:
-        return [0]
-    last = size - _SAMPLE_BYTES
-    return sorted({round(j * last / (_SAMPLES_PER_TENSOR - 1)) for j in range(_SAMPLES_PER_TENSOR)})
-
-
-def weights_fingerprint(teacher: str, revision: Optional[str] = None) -> Optional[dict]:
-    """A cheap fingerprint of the teacher's weights, or None when it has no safetensors files in reach.
-
-    sha256 over every tensor, by name: its name, dtype, shape and byte size (from the safetensors
-    headers) and 4 windows of 4 KiB of its stored bytes (start, end and two between). It reads about
-    16 KiB per tensor, about 12 MB for a 70B model, whatever the weights' dtype at load time; it does not
-    depend on how the tensors are split into shard files. A fine-tune changes every element of the
-    matrices it trains, so two teachers with different weights differ here.
-    """
-    files = weight_files(teacher, revision)
-    if not files:
-        return None
-    h = hashlib.sha256()
-    try:
-        tensors = {}
-        for path in files:
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            tensors.update({name: (path, 8 + n, info) for name, info in header.items() if name != "__metadata__"})
-        handles = {}
-        try:
-            for name in sorted(tensors):
-                path, base, info = tensors[name]
-                lo, hi = info["data_offsets"]
-                h.update(json.dumps([name, info["dtype"], info["shape"], hi - lo]).encode())
-                if path not in handles:
-                    handles[path] = open(path, "rb")
-                f = handles[path]
-                for start in _sample_starts(hi - lo):
-                    f.seek(base + lo + start)
-                    h.update(f.read(min(_SAMPLE_BYTES, hi - lo - start)))
-        finally:
-            for f in handles.values():
-                f.close()
-    except (ValueError, KeyError, TypeError, struct.error):  # not a safetensors file: loading will say so
-        return None
-    return {"method": WEIGHTS_METHOD, "sha256": h.hexdigest(), "n_tensors": len(tensors)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,22 +185,6 @@ def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> N
     topk_store.create_store(out, tokenized, plan, attrs, vocab_size)
 
 
-def _unit_batches(group, unit: int, seq_offsets, pos_offsets, batch_size: int):
-    """Sequences owning rows of `unit`, grouped into batches of similar length.
-
-    Yields (sequence indices, row range [lo, hi) of each sequence clipped to the unit).
-    """
-    lo, hi = topk_store.unit_rows(group, unit)
-    first = int(np.searchsorted(pos_offsets, lo, side="right")) - 1
-    last = int(np.searchsorted(pos_offsets, hi, side="left"))
-    seqs = np.arange(first, last)
-    lengths = seq_offsets[seqs + 1] - seq_offsets[seqs]
-    # Longest first, so padding within a batch is small; stable sort keeps the order deterministic.
-    order = seqs[np.argsort(-lengths, kind="stable")]
-    for b in range(0, len(order), batch_size):
-        yield order[b: b + batch_size]
-
-
 def _main_then_share(state, fn):
     """Run `fn` on the main process only. Every process stops with its error, and learns whether it
     returned None (then the others get None too, else True)."""
@@ -380,12 +244,9 @@ def run_cache(cfg: CacheConfig) -> int:
 
 
 def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
-    """This process's share of the pending units: teacher top-k at their rows, written unit by unit."""
-    device = state.device
+    """This process's share of the pending units: the engine's top-k at their rows, written unit by unit."""
     seq_offsets = group["seq_offsets"][:]
     pos_offsets = group["pos_offsets"][:]
-    input_ids_arr = group["input_ids"]
-    target_positions_arr = group["target_positions"]
     pending = topk_store.pending_units(group)
     if state.num_processes > 1:
         # Every process must split the same list: none may mark a unit done before all have read it.
@@ -395,34 +256,20 @@ def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
     bar = tqdm(total=int(total_rows), unit="pos", desc=f"teacher top-{cfg.k}", disable=not state.is_local_main_process,
                dynamic_ncols=True)
     tokens_seen, started = 0, time.perf_counter()
-    with torch.inference_mode():
-        for unit in mine:
-            lo, hi = topk_store.unit_rows(group, unit)
-            unit_ids = np.zeros((hi - lo, cfg.k), dtype=np.int64)
-            unit_lp = np.zeros((hi - lo, cfg.k), dtype=np.float32)
-            for batch in _unit_batches(group, unit, seq_offsets, pos_offsets, cfg.batch_size):
-                seqs = [input_ids_arr[seq_offsets[i]: seq_offsets[i + 1]].astype(np.int64) for i in batch]
-                ids, mask = pad_right(seqs, pad_id)
-                rows, cols, dest = [], [], []
-                for r, i in enumerate(batch):
-                    p0, p1 = int(pos_offsets[i]), int(pos_offsets[i + 1])
-                    a, b = max(p0, lo), min(p1, hi)  # this unit's share of the sequence's rows
-                    positions = target_positions_arr[a:b].astype(np.int64)
-                    rows.append(np.full(b - a, r))
-                    cols.append(positions)
-                    dest.append(np.arange(a - lo, b - lo))
-                rows_t = torch.from_numpy(np.concatenate(rows)).to(device)
-                cols_t = torch.from_numpy(np.concatenate(cols)).to(device)
-                top_ids, top_lp = topk_at_positions(model, ids.to(device), mask.to(device), rows_t, cols_t, cfg.k)
-                where = np.concatenate(dest)
-                unit_ids[where] = top_ids.cpu().numpy()
-                unit_lp[where] = top_lp.cpu().numpy()
-                tokens_seen += int(mask.sum())
-                bar.update(len(where))
-                bar.set_postfix(tok_s=f"{tokens_seen / (time.perf_counter() - started):,.0f}")
-            crash_point(f"unit-computed:{unit}")
-            topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
-            crash_point(f"unit-done:{unit}")
+
+    def progress(n_rows: int, n_tokens: int) -> None:
+        nonlocal tokens_seen
+        tokens_seen += n_tokens
+        bar.update(n_rows)
+        bar.set_postfix(tok_s=f"{tokens_seen / (time.perf_counter() - started):,.0f}")
+
+    for unit in mine:
+        sequences, positions = topk_store.unit_sequences(group, unit, seq_offsets, pos_offsets)
+        unit_ids, unit_lp = unit_topk(model, sequences, positions, cfg.k, cfg.batch_size, pad_id,
+                                      device=state.device, on_batch=progress)
+        crash_point(f"unit-computed:{unit}")
+        topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
+        crash_point(f"unit-done:{unit}")
     bar.close()
 
 

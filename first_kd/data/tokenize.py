@@ -316,3 +316,16 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
 def prepare_dataset(cfg: DataConfig, tokenizer):
     """`load_records` then `tokenize_records`: (tokenized dataset, info)."""
     return tokenize_records(load_records(cfg), tokenizer, cfg)
+
+
+def data_fingerprint(tokenized) -> str:
+    """sha256 of a tokenized dataset's content: exactly what a model will see (ids, token ids) and where its
+    targets are (target_start). Stores record it, so the same data is recognised whatever file it came from."""
+    h = hashlib.sha256()
+    table = tokenized.data
+    for name in ("id", "input_ids", "target_start"):
+        col = table.column(name).combine_chunks()
+        for buf in col.buffers():
+            if buf is not None:
+                h.update(memoryview(buf))
+    return h.hexdigest()
