@@ -409,15 +409,22 @@ class CalibrationAccumulator:
         stats = top_label_statistics(probs, labels)
         self._add(stats["confidence"], stats["correct"], stats["p_gold"], float(stats["brier"].sum()))
 
-    def update_confidence(self, confidence: Any, correct: Any, p_gold: Any = None) -> None:
-        """Add a batch of top-label predictions: confidence [B], correct [B], optional p_gold [B]."""
+    def update_confidence(self, confidence: Any, correct: Any, p_gold: Any = None, brier: Any = None) -> None:
+        """Add a batch of top-label predictions: confidence [B], correct [B], optional p_gold [B] and
+        optional per-sample Brier scores [B] (without them the summary's "brier" is None)."""
         conf, corr = _check_top_label(confidence, correct)
         gold = None
         if p_gold is not None:
             gold = _check_confidence(p_gold, "p_gold")
             if gold.shape[0] != conf.shape[0]:
                 raise ValueError(f"lengths differ: confidence has {conf.shape[0]} samples, p_gold has {gold.shape[0]}")
-        self._add(conf, corr, gold, None)
+        brier_sum = None
+        if brier is not None:
+            values = np.asarray(brier, dtype=np.float64).reshape(-1)
+            if values.shape[0] != conf.shape[0]:
+                raise ValueError(f"lengths differ: confidence has {conf.shape[0]} samples, brier has {values.shape[0]}")
+            brier_sum = float(values.sum())
+        self._add(conf, corr, gold, brier_sum)
 
     def _add(self, conf: np.ndarray, corr: np.ndarray, p_gold: Optional[np.ndarray], brier_sum: Optional[float]) -> None:
         self.n += conf.shape[0]

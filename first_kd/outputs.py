@@ -66,7 +66,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_fsync_dir = fsync_dir
 
 
 def clear_stale(final: Path) -> None:

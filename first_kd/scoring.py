@@ -28,6 +28,7 @@ from first_kd.data import encode_prompts
 from first_kd.decoding import answer_token_span, decoded_token_ends, greedy_generate, mode_inputs, span_logprobs
 from first_kd.errors import FirstKDError
 from first_kd.models import head_logits, last_hidden_states, stop_token_ids
+from first_kd.temperature import teacher_target
 
 # Elements of [rows, vocab] fp32 logits per output-head chunk (128 MiB): bounds memory for large vocabularies.
 _HEAD_ELEMENTS = 1 << 25
@@ -115,6 +116,49 @@ def _finish(acc: metrics.CalibrationAccumulator, nll: _NLL, scope: str) -> dict:
     summary["bins"] = metrics.bins_to_json(acc.bins())
     return summary
 
+def full_vocabulary_rows(option_probs: torch.Tensor, n_choices: torch.Tensor, gold: torch.Tensor) -> dict:
+    """The model's own (full-vocabulary) probabilities of the option letters, scored as they are.
+
+    Args:
+        option_probs: [B, C] full-vocabulary probability of each option letter at the answer position
+            (not renormalised; letters beyond an item's options are ignored). Their sum is the mass on the
+            options; the rest (1 - sum) is everything else the model could say.
+        n_choices: [B] options per item; gold: [B] gold option index.
+    Returns:
+        dict of float64 numpy [B]: "confidence" (the probability of the most probable option, the
+        model's answer), "correct", "p_gold", "brier" (over the options plus "anything else" as one more
+        class, which is never the gold one) and "options_mass".
+    """
+    probs = option_probs.double() * option_mask(n_choices, option_probs.shape[1])
+    mass = probs.sum(dim=1)
+    conf, pred = probs.max(dim=1)
+    p_gold = probs.gather(1, gold[:, None])[:, 0]
+    onehot = torch.nn.functional.one_hot(gold, probs.shape[1]).double()
+    brier = ((probs - onehot) ** 2).sum(dim=1) + (1.0 - mass).clamp(min=0.0) ** 2
+    return {"confidence": conf.cpu().numpy(), "correct": (pred == gold).double().cpu().numpy(),
+            "p_gold": p_gold.cpu().numpy(), "brier": brier.cpu().numpy(), "options_mass": mass.cpu().numpy()}
+
+
+class FullVocabulary:
+    """Streams `full_vocabulary_rows` into the "full_vocabulary" block of a multiple-choice summary."""
+
+    def __init__(self, n_bins: int):
+        self.acc = metrics.CalibrationAccumulator(n_bins)
+        self.mass_sum = 0.0
+
+    def add(self, option_probs: torch.Tensor, n_choices: torch.Tensor, gold: torch.Tensor) -> dict:
+        rows = full_vocabulary_rows(option_probs, n_choices, gold)
+        self.acc.update_confidence(np.clip(rows["confidence"], 0.0, 1.0), rows["correct"],
+                                   np.clip(rows["p_gold"], 0.0, 1.0), rows["brier"])
+        self.mass_sum += float(rows["options_mass"].sum())
+        return rows
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in self.acc.compute().items() if k in metrics.MODEL_SUMMARY_KEYS or k == "n"}
+        out["mean_options_mass"] = self.mass_sum / max(self.acc.n, 1)
+        return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +184,7 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
     ids = tokenized["id"]
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
     acc = metrics.CalibrationAccumulator(n_bins)
+    full = FullVocabulary(n_bins) if mcqa else None
     nll = _NLL()
     predictions: list[Optional[dict]] = [None] * len(ids)
     head_rows = max(1, _HEAD_ELEMENTS // vocab)
@@ -164,6 +209,7 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
             conf, pred = probs.max(dim=-1)
             vocab_p = logp[:, choice_ids].exp() * option_mask(n_ch, len(choice_ids))
             p_pred_full = vocab_p.gather(1, pred[:, None])[:, 0]
+            full.add(vocab_p, n_ch, gold)
             # one device -> host copy per batch, not one per number
             probs, conf, pred = probs.cpu().numpy(), conf.cpu().numpy(), pred.cpu().numpy()
             p_pred_full, options_mass = p_pred_full.cpu().numpy(), vocab_p.sum(dim=1).cpu().numpy()
@@ -206,6 +252,8 @@ def evaluate_model(model, tokenized, info: dict, pad_id: int, batch_size: int = 
     bar.close()
     summary = _finish(acc, nll, "all")
     summary["level"] = "answer" if mcqa else "token"
+    if mcqa:
+        summary["full_vocabulary"] = full.summary()
     return summary, predictions
 
 
@@ -229,6 +277,7 @@ def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
     mcqa = data.get("format") == "mcqa"
     record = store.temperature if use_temperature else {}
     acc = metrics.CalibrationAccumulator(n_bins)
+    full = FullVocabulary(n_bins) if mcqa else None
     nll = _NLL()
     predictions: list[dict] = []
     bar = tqdm(total=len(store), unit="seq", desc="evaluating store", dynamic_ncols=True, disable=not progress)
@@ -243,6 +292,7 @@ def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
             buffer.append(store.get(i, temperature=use_temperature))
             if len(buffer) >= _STORE_FLUSH_ROWS or i == len(store) - 1:
                 predictions += _score_mcqa_rows(buffer, choice_ids, labels, acc, nll)
+                _full_vocabulary_of_store(buffer, choice_ids, record, full)
                 bar.update(len(buffer))
                 buffer = []
     else:
@@ -259,7 +309,23 @@ def evaluate_store(store, use_temperature: bool = True, n_bins: int = 10,
     summary = _finish(acc, nll, "gold probability > 0")
     summary["level"] = "answer" if mcqa else "token"
     summary["temperature"] = record or None
+    if mcqa:
+        summary["full_vocabulary"] = full.summary()
     return summary, predictions
+
+
+def _full_vocabulary_of_store(records: list[dict], choice_ids: torch.Tensor, record: dict,
+                              full: FullVocabulary) -> None:
+    """A cached teacher's full-vocabulary option probabilities: its top-k after the temperature, scaled to
+    the top-k's own mass (first_kd.temperature: the other bucket keeps the rest); 0 outside the top-k."""
+    lp = torch.from_numpy(np.stack([r["topk_logprobs"][0] for r in records]))
+    topk_ids = torch.from_numpy(np.stack([r["topk_ids"][0] for r in records]))
+    probs = teacher_target(lp, record, other_bucket=True)[:, :-1]  # [B, k]
+    match = topk_ids[:, :, None] == choice_ids[None, None, :]  # [B, k, C]
+    option_probs = (probs.double()[:, :, None] * match).sum(dim=1)
+    n_ch = torch.tensor([r["n_choices"] for r in records], dtype=torch.long)
+    gold = torch.tensor([r["answer_index"] for r in records], dtype=torch.long)
+    full.add(option_probs, n_ch, gold)
 
 
 def _score_mcqa_rows(records: list[dict], choice_ids: torch.Tensor, labels: list[str],

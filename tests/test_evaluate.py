@@ -11,27 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_letter_sure_model
 from first_kd import scoring as S
 from first_kd.commands import evaluate as E
 from first_kd import metrics as M
 from first_kd.cli import main
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.store import open_store, set_temperature
-
-WORDS = "cat dog bird tree house river stone cloud apple water light paper music table green".split()
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_mcqa(path, n, seed=0):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            k = rng.randint(3, 5)  # items with different numbers of options in one batch
-            f.write(json.dumps({"id": f"q{i}", "question": " ".join(rng.choices(WORDS, k=rng.randint(3, 9))) + "?",
-                                "choices": [" ".join(rng.choices(WORDS, k=2)) for _ in range(k)],
-                                "answer": "ABCDE"[rng.randrange(k)]}) + "\n")
-    return path
+from helpers import PNG_MAGIC, WORDS, build_letter_sure_model, file_bytes, leftovers, run_cli, unwritable, write_mcqa
 
 
 def write_alpaca(path, n, seed=0):
@@ -133,6 +119,30 @@ def test_mcqa_model_matches_unpadded_full_forward(tiny, tmp_path):
     for key in ("brier", "nll", "mce"):
         assert metrics[key] == pytest.approx(summary[key], rel=1e-4, abs=1e-6), key
     assert sum(metrics["bins"]["count"]) == 11
+    _check_full_vocabulary_block(metrics["full_vocabulary"], tokenized, info, tiny["model"])
+
+
+def _check_full_vocabulary_block(block: dict, tokenized, info: dict, model) -> None:
+    """The model's own next-token probabilities of the letters, scored without renormalising, from the
+    formulas: confidence = full probability of the best option; Brier over the options plus 'anything
+    else'; NLL = -log of the gold letter's full probability; mass = sum over the item's letters."""
+    conf, correct, brier, nll, mass = [], [], [], [], []
+    for row in tokenized:
+        logits = oracle_logits(model, row["input_ids"])[row["target_start"] - 1]
+        q = torch.softmax(logits.double(), 0)[info["choice_token_ids"][: row["n_choices"]]].numpy()
+        y = row["answer_index"]
+        conf.append(q.max())
+        correct.append(float(q.argmax() == y))
+        brier.append(((q - np.eye(len(q))[y]) ** 2).sum() + (1 - q.sum()) ** 2)
+        nll.append(-np.log(q[y]))
+        mass.append(q.sum())
+    conf, correct = np.array(conf), np.array(correct)
+    assert block["n"] == len(conf)
+    assert block["accuracy"] == pytest.approx(correct.mean())
+    assert block["mean_confidence"] == pytest.approx(conf.mean(), rel=1e-5)
+    assert block["ece"] == pytest.approx(M.expected_calibration_error(conf, correct), abs=1e-5)
+    for key, values in (("brier", brier), ("nll", nll), ("mean_options_mass", mass)):
+        assert block[key] == pytest.approx(float(np.mean(values)), rel=1e-4, abs=1e-7), key
 
 
 def test_prompt_response_model_is_scored_per_token(tiny, tmp_path):
@@ -193,6 +203,11 @@ def test_full_vocabulary_store_agrees_with_the_model(tiny, full_store, tmp_path,
             assert a["prediction"] == b["prediction"]
             np.testing.assert_allclose(list(a["option_probs"].values()), list(b["option_probs"].values()), atol=2e-3)
             assert a["options_in_topk"] == len(a["option_probs"])
+        # The full-vocabulary scoring too: the cached teacher (k = V) is the model.
+        for key in ("accuracy", "mean_confidence", "ece", "brier", "nll", "mean_options_mass"):
+            assert ms["full_vocabulary"][key] == pytest.approx(mm["full_vocabulary"][key], abs=2e-3), key
+    else:
+        assert "full_vocabulary" not in ms and "full_vocabulary" not in mm  # token level is full-vocabulary already
 
 
 @pytest.fixture(scope="module")
@@ -247,41 +262,11 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, args, message):
 # the output directory: same command twice, other settings, failed writes
 
 
-def _files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def _leftovers(parent):
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".staging-", ".retired-")))
-
-
-def unwritable(tmp_path):
-    """A path whose directory cannot be created. Root ignores permission bits (CI runs tests as root), so
-    there it is a path under /sys, where no process may make entries (EPERM; EROFS where /sys is mounted
-    read-only); otherwise a path inside a directory made read-only with chmod."""
-    import os
-    from pathlib import Path
-
-    if os.geteuid() == 0:
-        target = Path("/sys/first-kd-test-unwritable/out")
-    else:
-        parent = tmp_path / "read-only"
-        parent.mkdir()
-        parent.chmod(0o555)
-        target = parent / "out"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (target.parent / "probe").write_text("")
-    except OSError:
-        return target
-    pytest.skip(f"{target.parent} is writable here: no way to simulate a read-only directory")
-
-
 def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(top5_store, tmp_path, capsys, monkeypatch):
     out = tmp_path / "e"
     args = ["evaluate", "--store", str(top5_store), "--no-temperature", "--out", str(out)]
     assert main(args) == 0
-    before = _files(out)
+    before = file_bytes(out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
     assert main(args + ["--batch-size", "3"]) == 0  # how it runs is not a setting
@@ -292,7 +277,7 @@ def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(top5_store
     assert main(args + ["--n-bins", "5"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "n_bins: 10 -> 5" in err and "--overwrite" in err, err
-    assert _files(out) == before
+    assert file_bytes(out) == before
 
     # A new label renames the evaluation without measuring again.
     monkeypatch.setattr(E, "evaluate_store", lambda *a, **k: pytest.fail("measured again for a new label"))
@@ -300,12 +285,12 @@ def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(top5_store
     metrics, lines = read_outputs(out)
     old = json.loads(before["metrics.json"])
     assert metrics["label"] == "renamed" and {**metrics, "label": old["label"]} == old
-    assert _files(out)["predictions.jsonl"] == before["predictions.jsonl"]
-    assert _files(out)["reliability.png"] != before["reliability.png"]  # the title names the new label
+    assert file_bytes(out)["predictions.jsonl"] == before["predictions.jsonl"]
+    assert file_bytes(out)["reliability.png"] != before["reliability.png"]  # the title names the new label
     monkeypatch.undo()
 
     assert main(args + ["--n-bins", "5", "--overwrite"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["n_bins"] == 5 and _leftovers(tmp_path) == []
+    assert json.loads((out / "metrics.json").read_text())["n_bins"] == 5 and leftovers(tmp_path) == []
 
 
 def test_changed_inputs_and_foreign_files_are_refused(tiny, top5_store, tmp_path, capsys):
@@ -318,13 +303,13 @@ def test_changed_inputs_and_foreign_files_are_refused(tiny, top5_store, tmp_path
     out = tmp_path / "e"
     args = ["evaluate", "--store", str(store), "--out", str(out), "--label", "t"]
     assert main(args) == 0
-    before = _files(out)
+    before = file_bytes(out)
     set_temperature(store, {"form": "logit", "value": 2.0})  # calibrated again since
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "store_temperature" in err and "2.0" in err, err
-    assert _files(out) == before
+    assert file_bytes(out) == before
 
     # A model retrained into the same directory is another input.
     model_dir = tmp_path / "model"
@@ -347,30 +332,18 @@ def test_changed_inputs_and_foreign_files_are_refused(tiny, top5_store, tmp_path
 
 
 def test_full_disk_keeps_the_finished_evaluation(top5_store, tmp_path):
-    import os
-    import resource
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "e"
     assert main(["evaluate", "--store", str(top5_store), "--no-temperature", "--out", str(out)]) == 0
-    before = _files(out)
-    repo = Path(__file__).resolve().parents[1]
-
-    def small_disk():  # predictions.jsonl and metrics.json fit, the figure does not
-        limit = max(len(before["predictions.jsonl"]), len(before["metrics.json"])) + 4096
-        assert limit < len(before["reliability.png"])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    run = subprocess.run([sys.executable, "-m", "first_kd.cli", "evaluate", "--store", str(top5_store),
-                          "--no-temperature", "--n-bins", "5", "--overwrite", "--out", str(out)],
-                         cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    before = file_bytes(out)
+    # a small disk: predictions.jsonl and metrics.json fit, the figure does not
+    limit = max(len(before["predictions.jsonl"]), len(before["metrics.json"])) + 4096
+    assert limit < len(before["reliability.png"])
+    run = run_cli(["evaluate", "--store", str(top5_store), "--no-temperature", "--n-bins", "5", "--overwrite",
+                   "--out", str(out)], env={"OMP_NUM_THREADS": "1"}, limit_bytes=limit, timeout=300)
     err = run.stderr.strip().splitlines()
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert ("File too large" in err[-1] or "EFBIG" in err[-1]) and "reliability.png" in err[-1], run.stderr
-    assert _files(out) == before and _leftovers(tmp_path) == []
+    assert file_bytes(out) == before and leftovers(tmp_path) == []
 
 
 def test_unwritable_out_is_one_line(top5_store, tmp_path, capsys):

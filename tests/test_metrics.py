@@ -345,3 +345,18 @@ def test_bad_accumulator_and_p_gold_arguments():
         M.gold_negative_log_likelihood([1.2])
     with pytest.raises(ValueError, match="no samples"):
         M.ece_from_bins({"count": np.zeros(3), "accuracy": np.full(3, np.nan), "mean_confidence": np.full(3, np.nan)})
+
+
+def test_accumulated_per_sample_brier_is_their_mean_in_any_split():
+    rng = np.random.default_rng(3)
+    conf, correct = rng.uniform(0.2, 1.0, 50), (rng.uniform(size=50) < 0.6).astype(float)
+    brier = rng.uniform(0, 2, 50)
+    whole = M.CalibrationAccumulator()
+    whole.update_confidence(conf, correct, brier=brier)
+    parts = M.CalibrationAccumulator()
+    for lo in range(0, 50, 7):
+        parts.update_confidence(conf[lo:lo + 7], correct[lo:lo + 7], brier=brier[lo:lo + 7])
+    assert whole.compute()["brier"] == pytest.approx(brier.mean()) == parts.compute()["brier"]
+    without = M.CalibrationAccumulator()
+    without.update_confidence(conf, correct)
+    assert without.compute()["brier"] is None

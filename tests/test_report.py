@@ -4,7 +4,6 @@ PNG with one panel per run; and the whole pipeline cache -> calibrate -> evaluat
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
@@ -12,14 +11,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conftest import build_letter_sure_model
 from first_kd import metrics as M
 from first_kd.commands import report as R
 from first_kd.cli import main
 from first_kd.store import open_store
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-WORDS = "cat dog bird tree house river stone cloud apple water light paper music table green".split()
+from helpers import PNG_MAGIC, build_letter_sure_model, file_bytes, write_mcqa
 
 
 def fake_run(directory, label, sharpen, seed=0, n=800, temperature=None):
@@ -142,23 +138,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
 # end to end
 
 
-def write_mcqa(path, n, seed):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            k = rng.randint(3, 5)
-            f.write(json.dumps({"id": f"q{seed}-{i}", "question": " ".join(rng.choices(WORDS, k=6)) + "?",
-                                "choices": [" ".join(rng.choices(WORDS, k=2)) for _ in range(k)],
-                                "answer": "ABCDE"[rng.randrange(k)]}) + "\n")
-    return path
+REPORT_MCQA = dict(question_words=6, id_format="q{seed}-{i}")  # six-word questions, ids unique across files
 
 
 def test_cache_calibrate_evaluate_report(tmp_path, tiny_tokenizer):
     # A teacher that is sure of a random letter: heavily over-confident.
     model_dir = build_letter_sure_model(tmp_path / "teacher", tiny_tokenizer)
     train, val = tmp_path / "train.zarr", tmp_path / "val.zarr"
-    for data, store in ((write_mcqa(tmp_path / "train.jsonl", 16, 0), train),
-                        (write_mcqa(tmp_path / "val.jsonl", 60, 1), val)):
+    for data, store in ((write_mcqa(tmp_path / "train.jsonl", 16, 0, **REPORT_MCQA), train),
+                        (write_mcqa(tmp_path / "val.jsonl", 60, 1, **REPORT_MCQA), val)):
         assert main(["cache", "--teacher", str(model_dir), "--data", str(data), "--out", str(store)]) == 0
     assert main(["calibrate", "--store", str(train), "--val-store", str(val)]) == 0
     record = open_store(train).temperature
@@ -178,14 +166,18 @@ def test_cache_calibrate_evaluate_report(tmp_path, tiny_tokenizer):
     assert re.search(rf"\| val teacher raw \| store \| raw \| [*]*{raw['accuracy']:.4f}", md)
     assert f"{record['ece_before']:.4f} → {record['ece_after']:.4f}" in md
     assert (tmp_path / "report" / "reliability.png").read_bytes()[:8] == PNG_MAGIC
+    # The full-vocabulary scoring is reported beside the option-renormalised one, a row per run.
+    full = raw["full_vocabulary"]
+    assert "## Full-vocabulary confidence" in md
+    assert (f"| val teacher raw | {full['accuracy']:.4f} | {full['ece']:.4f} | {full['brier']:.4f} | "
+            f"{full['nll']:.4f} | {full['mean_confidence']:.4f} | {full['mean_options_mass']:.4f} |") in md
+    # A letter's full probability is its renormalised one times the mass on the options (<= 1).
+    assert 0 < full["mean_options_mass"] <= 1 and full["mean_confidence"] <= raw["mean_confidence"] + 1e-12
+    assert full["accuracy"] == raw["accuracy"]  # the same answer: the most probable option
 
 
 # ----------------------------------------------------------------------------------------------
 # the output: same command twice, failed writes, user text escaped
-
-
-def _files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def test_same_command_twice_is_a_no_op_until_something_changes(tmp_path, capsys):
@@ -225,7 +217,7 @@ def test_a_failed_write_keeps_the_previous_report(tmp_path, capsys, monkeypatch)
     fake_run(tmp_path / "a", "a", sharpen=0.5)
     out = tmp_path / "report"
     assert main(["report", str(tmp_path / "a"), "--out", str(out)]) == 0
-    before = _files(out)
+    before = file_bytes(out)
 
     def full_disk(panels, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -235,7 +227,7 @@ def test_a_failed_write_keeps_the_previous_report(tmp_path, capsys, monkeypatch)
     assert main(["report", str(tmp_path / "a"), "--out", str(out), "--title", "new"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left" in err and "reliability.png" in err, err
-    assert _files(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert file_bytes(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
 
 
 def test_unusable_out_is_one_line(tmp_path, capsys):

@@ -86,8 +86,10 @@ def test_reader_applies_recorded_temperature(tmp_path):
     store = S.open_store(tmp_path / "s.zarr")
     got = store.get(0, other_bucket=True)
     p = np.exp(got["topk_logprobs"].astype(np.float64))
-    with_rest = np.concatenate([p, 1 - p.sum(1, keepdims=True)], axis=1)
-    expected = np.exp(with_rest / 0.5) / np.exp(with_rest / 0.5).sum(1, keepdims=True)  # softmax(p / c)
+    # softmax(p / c) over the top-k, scaled to the top-k's own mass; the rest keeps the teacher's mass.
+    rest = 1 - p.sum(1, keepdims=True)
+    tempered = np.exp(p / 0.5) / np.exp(p / 0.5).sum(1, keepdims=True)
+    expected = np.concatenate([tempered * (1 - rest), rest], axis=1)
     np.testing.assert_allclose(got["teacher_probs"], expected, rtol=1e-5)
     # temperature=False ignores the record (the `kd` baseline)
     np.testing.assert_allclose(store.get(0, temperature=False)["teacher_probs"], expected_plain, rtol=1e-5)

@@ -198,6 +198,24 @@ def metrics_table(labels: list[str], runs: list[dict]) -> list[str]:
     return lines
 
 
+FULL_VOCABULARY_COLUMNS = (("accuracy", "Accuracy", 4), ("ece", "ECE", 4), ("brier", "Brier", 4), ("nll", "NLL", 4),
+                           ("mean_confidence", "Mean conf.", 4), ("mean_options_mass", "Mass on options", 4))
+
+
+def full_vocabulary_table(labels: list[str], runs: list[dict]) -> list[str]:
+    """Markdown lines scoring multiple-choice runs on the model's own next-token probabilities (not
+    renormalised over the options); [] when no run has them."""
+    rows = [(label, run["full_vocabulary"]) for label, run in zip(labels, runs) if run.get("full_vocabulary")]
+    if not rows:
+        return []
+    head = ["Model"] + [title for _, title, _ in FULL_VOCABULARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "|".join(["---:"] * len(FULL_VOCABULARY_COLUMNS)) + "|"]
+    for label, block in rows:
+        cells = [_cell(label)] + [_number(block.get(key), decimals) for key, _, decimals in FULL_VOCABULARY_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def temperature_table(labels: list[str], runs: list[dict]) -> list[str]:
     rows = [(label, run["temperature"]) for label, run in zip(labels, runs) if run.get("temperature")]
     if not rows:
@@ -271,7 +289,16 @@ def render_markdown(title: str, labels: list[str], runs: list[dict], files: list
         notes.append("† NLL of a cached teacher (top-k store) averages over the examples whose gold answer or "
                      "token gets a probability > 0 from the top-k distribution; the others have no finite "
                      "log-likelihood under it.")
-    lines += [" ".join(notes), "", "## Reliability diagrams", ""]
+    lines += [" ".join(notes), ""]
+    full = full_vocabulary_table(labels, runs)
+    if full:
+        lines += ["## Full-vocabulary confidence", "",
+                  "The same multiple-choice answers scored on the model's own next-token probabilities, not "
+                  "renormalised over the option letters: what a user who reads or samples the distilled model "
+                  "gets. Confidence = the full-vocabulary probability of the chosen letter; Brier counts "
+                  "'anything else' as one more class; mass on options = the probability of any option letter. "
+                  "(Token-level runs are scored over the full vocabulary already.)", "", *full, ""]
+    lines += ["## Reliability diagrams", ""]
     for i, name in enumerate(figures):  # one paragraph per image, so they stack instead of sharing a line
         part = f" ({i + 1} of {len(figures)})" if len(figures) > 1 else ""
         lines += [f"![Reliability diagrams{part}]({name})", ""]
