@@ -13,6 +13,7 @@ import pytest
 
 from first_kd.data import DataConfig, detect_format, load_records, prepare_dataset, tokenize_records
 from first_kd.errors import FirstKDError
+from helpers import read_jsonl
 
 CSQA = [  # HF CommonsenseQA layout, plus an ARC record whose labels are digits
     {"id": "q0", "question": "Where would a cat sleep?",
@@ -362,7 +363,7 @@ def gpt2_tokenizer(shared_data):
 
 def test_real_csqa(shared_data, gpt2_tokenizer):
     path = shared_data / "csqa/dev_rand_split.jsonl"
-    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    raw = read_jsonl(path)
     ds, info = prepare_dataset(DataConfig(data=str(path)), gpt2_tokenizer)
     assert info["format"] == "mcqa" and info["n_records"] == len(raw) == 1221
     # " A".." E" are single GPT-2 tokens with these well-known ids.

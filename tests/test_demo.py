@@ -25,7 +25,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 import first_kd.cli as cli
@@ -34,7 +33,7 @@ from first_kd.config import build, read_yaml
 from first_kd.demo import calibration as demo
 from first_kd.demo.main import DemoConfig
 from first_kd.demo.runner import store_temperature
-from helpers import assert_checks_hold_as_stated
+from helpers import assert_checks_hold_as_stated, is_png
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.y*ml"))
@@ -45,11 +44,7 @@ SHORT = ["n_items=6", "n_teacher=96", "n_train=64", "n_val=48", "n_test=64", "vo
          "teacher_steps=6", "student_steps=4", "batch_size=16"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_threads_restored")  # the demo sets --threads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +166,7 @@ def test_demo_writes_every_promised_file(finished):
         assert (out / "eval" / label / "metrics.json").is_file()
         assert (out / "eval" / label / "reliability.png").is_file()
     for figure in ("reliability.png", "training.png"):
-        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert is_png(out / figure)
     md = (out / "report.md").read_text()
     assert "| student_first |" in md and "## The demo" in md and "(training.png)" in md
     # the test split is what every model was scored on

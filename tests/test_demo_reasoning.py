@@ -16,21 +16,16 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import first_kd.cli as cli
 from first_kd.config import build
 from first_kd.demo import reasoning
 from first_kd.demo.main import DemoConfig
 from first_kd.errors import FirstKDError
-from helpers import assert_checks_hold_as_stated
+from helpers import assert_checks_hold_as_stated, read_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_threads_restored")  # the demo sets --threads
 
 
 def _read_back(lines: list[str]) -> int:
@@ -105,10 +100,6 @@ SHORT = ["suite=reasoning", "digits=1", "n_teacher=24", "n_train=8", "n_val=4", 
          "teacher_lr=1e-2", "student_steps=4", "samples=6", "batch_size=16", "agreement=0.5"]
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def write_fixed_text_teacher(model_dir: Path, text: str, after: str, margin: float = 200.0) -> list[int]:
     """Set the weights of the tiny Llama in `model_dir` so that after any prompt ending like `after` it writes
     `text` and then EOS, with certainty at any sampling temperature (returns the ids it writes, EOS last).
@@ -154,7 +145,7 @@ def run_with_fixed_teacher(out: Path, monkeypatch, pick_answer) -> tuple[int, li
         calls.append(list(argv))
         code = real_main(argv)
         if argv[0] == "distill" and argv[argv.index("--out") + 1] == str(out / "runs" / "teacher"):
-            train, test = _jsonl(out / "data" / "train.jsonl"), _jsonl(out / "data" / "test.jsonl")
+            train, test = read_jsonl(out / "data" / "train.jsonl"), read_jsonl(out / "data" / "test.jsonl")
             fixed["answer"] = pick_answer(train, test)
             fixed["text"] = f"\n#### {fixed['answer']}"
             prompt = reasoning.question_prompt(train[0]["question"])
@@ -184,7 +175,7 @@ def test_reasoning_demo_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(models) == set(reasoning.EVALUATED)
     assert set(models["student_dual"]) == {"slow", "fast", "auto"}
     for label, modes in models.items():
-        predictions = _jsonl(out / "eval" / label / "predictions.jsonl")
+        predictions = read_jsonl(out / "eval" / label / "predictions.jsonl")
         for mode, m in modes.items():
             # each number is the one its model's own predictions give, over the 4 test questions
             lines = [p for p in predictions if p["mode"] == mode]
@@ -216,15 +207,15 @@ def test_reasoning_demo_end_to_end(tmp_path, capsys, monkeypatch):
     # keeps one (distinct) rationale for each question it answers right; self-consistency keeps every
     # question (its 6 samples agree) with the fixed answer as pseudo-label; the teacher scores on test what
     # the fixed answer scores, sure of it, writing its tokens and EOS.
-    train, test = _jsonl(out / "data" / "train.jsonl"), _jsonl(out / "data" / "test.jsonl")
+    train, test = read_jsonl(out / "data" / "train.jsonl"), read_jsonl(out / "data" / "test.jsonl")
     right = [r["id"] for r in train if r["answer"] == fixed["answer"]]
-    samples = _jsonl(out / "generated" / "train.jsonl")
+    samples = read_jsonl(out / "generated" / "train.jsonl")
     assert len(samples) == report["results"]["generated"]["samples"] == 8 * 6  # n_train x samples
     assert {(r["rationale"], r["answer"]) for r in samples} == {(fixed["text"], fixed["answer"])}
     assert report["results"]["generated"]["accuracy"] == pytest.approx(len(right) / 8)
     cot, sc = report["results"]["filters"]["train_cot"], report["results"]["filters"]["train_sc"]
     assert cot["method"] == "finetune-cot" and (cot["questions_kept"], cot["records_kept"]) == (len(right),) * 2
-    kept = _jsonl(out / "filtered" / "train_cot.jsonl")
+    kept = read_jsonl(out / "filtered" / "train_cot.jsonl")
     assert [(k["question_id"], k["response"], k["answer"], k["gold"]) for k in kept] == \
         [(q, fixed["text"], fixed["answer"], fixed["answer"]) for q in right]
     assert sc["questions_kept"] == 8

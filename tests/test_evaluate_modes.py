@@ -17,8 +17,8 @@ from first_kd.cli import main
 from first_kd.data import DataConfig, encode_prompts, tokenize_records
 from first_kd.data.rationale import find_answer
 from first_kd.data.traces import marker_prefix_ids
+from helpers import PNG_MAGIC, file_bytes
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = "one two three four five".split()
 CUE = "Let's think step by step."
 
@@ -279,28 +279,24 @@ def test_questions_without_answers_are_an_error(trained, tmp_path, capsys):
 # the output directory: same command twice, other settings, a failed write
 
 
-def _files(directory):
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
 def test_same_modes_command_is_a_no_op_a_new_label_renames(trained, tmp_path, capsys, monkeypatch):
     import shutil
 
     out = tmp_path / "eval"
     shutil.copytree(trained["out"], out)
-    before = _files(out)
+    before = file_bytes(out)
     monkeypatch.setattr(scoring, "greedy_generate", lambda *a, **k: pytest.fail("generated again"))
     capsys.readouterr()
     assert main(trained["args"] + ["--out", str(out)]) == 0
-    assert "nothing to do" in capsys.readouterr().err and _files(out) == before
+    assert "nothing to do" in capsys.readouterr().err and file_bytes(out) == before
 
     assert main(trained["args"] + ["--out", str(out), "--max-new-tokens", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_new_tokens: 40 -> 30" in err and "--overwrite" in err, err
-    assert _files(out) == before
+    assert file_bytes(out) == before
 
     assert main(trained["args"][:-1] + ["renamed", "--out", str(out)]) == 0
-    after = _files(out)
+    after = file_bytes(out)
     metrics = json.loads(after["metrics.json"])
     assert metrics["label"] == "renamed" and {**metrics, "label": "tiny"} == json.loads(before["metrics.json"])
     assert after["predictions.jsonl"] == before["predictions.jsonl"] and after.keys() == before.keys()
@@ -315,7 +311,7 @@ def test_a_failed_write_keeps_the_finished_evaluation(trained, tmp_path, capsys,
 
     out = tmp_path / "eval"
     shutil.copytree(trained["out"], out)
-    before = _files(out)
+    before = file_bytes(out)
 
     def full_disk(panels, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -327,5 +323,5 @@ def test_a_failed_write_keeps_the_finished_evaluation(trained, tmp_path, capsys,
     errors = [line for line in err.splitlines() if "first-kd evaluate: error:" in line]  # after progress bars
     assert "Traceback" not in err and len(errors) == 1, err
     assert "No space left" in errors[0] and "reliability.png" in errors[0], err
-    assert _files(out) == before  # metrics, predictions and every figure of the finished evaluation
+    assert file_bytes(out) == before  # metrics, predictions and every figure of the finished evaluation
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from first_kd.errors import FirstKDError
 from first_kd.data.rationale import with_cue
 from first_kd.selection import (choose_diverse, finetune_cot, jaccard_distance, majority, self_consistency, strip_cue,
                                 to_training_records)
+from helpers import file_bytes, read_jsonl, run_cli, write_jsonl
 
 CUE = "Let's think step by step."
 
@@ -298,11 +297,6 @@ def test_strip_cue_undoes_with_cue(prompt):
 # The command
 
 
-def write_gen(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def labelled_records():
     records = []
     for q in range(4):
@@ -313,10 +307,10 @@ def labelled_records():
 
 
 def test_cli_finetune_cot_output_is_read_by_prepare_dataset(tmp_path, tiny_tokenizer, capsys):
-    gen = write_gen(tmp_path / "gen.jsonl", labelled_records())
+    gen = write_jsonl(tmp_path / "gen.jsonl", labelled_records())
     out = tmp_path / "sub" / "train.jsonl"
     assert main(["filter", str(gen), "--method", "finetune-cot", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [r["id"] for r in rows] == [f"q{q}#{s}" for q in range(4) for s in (0, 1)]
     report = json.loads((tmp_path / "sub" / "train.filter.json").read_text())
     assert (report["records_kept"], report["records_written"], report["questions_kept"]) == (8, 8, 4)
@@ -335,11 +329,11 @@ def test_cli_finetune_cot_output_is_read_by_prepare_dataset(tmp_path, tiny_token
 def test_cli_self_consistency_final_answer_only_unlabelled(tmp_path, tiny_tokenizer, capsys):
     records = [rec(f"q{q}", s, a) for q, answers in enumerate(["AAAB", "ABCD", "BBBB"])
                for s, a in enumerate(answers)]
-    gen = write_gen(tmp_path / "gen.jsonl", records)
+    gen = write_jsonl(tmp_path / "gen.jsonl", records)
     out = tmp_path / "train.jsonl"
     assert main(["filter", str(gen), "--method", "self-consistency", "--final-answer-only",
                  "--out", str(out), "--answer-template", "\\nAnswer: {answer}"]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert rows == [
         {"id": "q0", "question_id": "q0", "prompt": "Question: q0?\nAnswer:", "response": "\nAnswer: A",
          "answer": "A", "gold": None},
@@ -353,7 +347,7 @@ def test_cli_self_consistency_final_answer_only_unlabelled(tmp_path, tiny_tokeni
 def test_cli_reports_pseudo_label_accuracy(tmp_path, capsys):
     records = [rec(f"q{q}", s, a, gold) for q, (answers, gold) in enumerate([("AAAB", "A"), ("ABBC", "A")])
                for s, a in enumerate(answers)]
-    gen = write_gen(tmp_path / "gen.jsonl", records)
+    gen = write_jsonl(tmp_path / "gen.jsonl", records)
     assert main(["filter", str(gen), "--method", "self-consistency", "--out", str(tmp_path / "t.jsonl")]) == 0
     assert "100.0% over 1 kept questions, 50.0% over all 2" in capsys.readouterr().out
     report = json.loads((tmp_path / "t.filter.json").read_text())
@@ -361,13 +355,13 @@ def test_cli_reports_pseudo_label_accuracy(tmp_path, capsys):
 
 
 def _bad_json(tmp):
-    path = write_gen(tmp / "gen.jsonl", labelled_records()[:3])
+    path = write_jsonl(tmp / "gen.jsonl", labelled_records()[:3])
     path.write_text(path.read_text() + '{"id": "q9", "sam\n')
     return [str(path)]
 
 
 def _bad_json_in_the_middle(tmp):
-    path = write_gen(tmp / "gen.jsonl", labelled_records()[:4])
+    path = write_jsonl(tmp / "gen.jsonl", labelled_records()[:4])
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:1] + ['{"id": "q0", "sample": 1, "prompt": oops}\n'] + lines[2:]))
     return [str(path)]
@@ -375,27 +369,27 @@ def _bad_json_in_the_middle(tmp):
 
 def _directory(tmp):
     (tmp / "gen").mkdir()
-    write_gen(tmp / "gen" / "train.jsonl", labelled_records())
+    write_jsonl(tmp / "gen" / "train.jsonl", labelled_records())
     return [str(tmp / "gen")]
 
 
 def _partial(tmp):
-    return [str(write_gen(tmp / "gen.jsonl.partial", labelled_records()))]
+    return [str(write_jsonl(tmp / "gen.jsonl.partial", labelled_records()))]
 
 
 def _partial_beside(tmp):
-    write_gen(tmp / "gen.jsonl.partial", labelled_records())
+    write_jsonl(tmp / "gen.jsonl.partial", labelled_records())
     return [str(tmp / "gen.jsonl")]
 
 
 def _missing_field(tmp):
     records = labelled_records()
     del records[2]["rationale"]
-    return [str(write_gen(tmp / "gen.jsonl", records))]
+    return [str(write_jsonl(tmp / "gen.jsonl", records))]
 
 
 def _gen(tmp, records=None):
-    return [str(write_gen(tmp / "gen.jsonl", records or labelled_records()))]
+    return [str(write_jsonl(tmp / "gen.jsonl", records or labelled_records()))]
 
 
 CLI_ERRORS = {
@@ -410,7 +404,7 @@ CLI_ERRORS = {
     "partial beside": (_partial_beside, ["--method", "finetune-cot"], "unfinished"),
     "missing field": (_missing_field, ["--method", "finetune-cot"], "line 3 lacks field(s) rationale"),
     "filter output as input": (
-        lambda t: [str(write_gen(t / "gen.jsonl", to_training_records(labelled_records())))],
+        lambda t: [str(write_jsonl(t / "gen.jsonl", to_training_records(labelled_records())))],
         ["--method", "finetune-cot"], "filter output"),
     "no method": (_gen, [], "--method"),
     "template without answer": (_gen, ["--method", "finetune-cot", "--answer-template", "The end."], "{answer}"),
@@ -447,10 +441,6 @@ def test_cli_refuses_existing_out_without_overwrite(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 8
 
 
-def _files(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def test_cli_same_command_twice_is_a_no_op_and_other_settings_are_refused(tmp_path, capsys):
     gen = _gen(tmp_path)
     out = tmp_path / "train.jsonl"
@@ -467,7 +457,7 @@ def test_cli_same_command_twice_is_a_no_op_and_other_settings_are_refused(tmp_pa
     err = capsys.readouterr().err.strip()
     assert "max_per_question: 0 -> 1" in err and "--overwrite" in err and "\n" not in err
     # the same flags on another generate output are other settings too
-    write_gen(Path(gen[0]), labelled_records()[:8])
+    write_jsonl(Path(gen[0]), labelled_records()[:8])
     assert main(command) == 2
     assert "input_sha256" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == {p: b for p, (b, _) in before.items()}
@@ -515,18 +505,11 @@ def test_cli_full_disk_keeps_the_finished_output_and_its_report(tmp_path):
     gen = _gen(tmp_path, records)
     out = tmp_path / "train.jsonl"
     assert main(["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--max-per-question", "1"]) == 0
-    before = _files(tmp_path)
+    before = file_bytes(tmp_path)
     limit = len(out.read_bytes()) + 100  # the new output, three times as long, cannot be written
 
-    def set_limit():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    full = subprocess.run([sys.executable, "-m", "first_kd.cli", "filter", *gen, "--method", "finetune-cot",
-                           "--out", str(out), "--overwrite"], cwd=Path(filters.__file__).parents[1],
-                          capture_output=True, text=True, preexec_fn=set_limit)
+    full = run_cli(["filter", *gen, "--method", "finetune-cot", "--out", str(out), "--overwrite"], limit_bytes=limit)
     assert full.returncode == 2
     err = [line for line in full.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("first-kd filter: error:") and "EFBIG" in err[0], full.stderr
-    assert _files(tmp_path) == before  # the old output and report whole, no scratch file left
+    assert file_bytes(tmp_path) == before  # the old output and report whole, no scratch file left

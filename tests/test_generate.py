@@ -15,31 +15,27 @@ import datasets
 import pytest
 import torch
 
-from conftest import LETTERS, build_letter_sure_model
 from first_kd import decoding
 from first_kd.commands import generate as G
 from first_kd.cli import main
 from first_kd.config import build
 from first_kd.errors import FirstKDError
 from first_kd.data.rationale import RationaleConfig, load_questions
-from test_cache import mcqa_records, pr_records, run_cli, write_jsonl
+from helpers import (LETTERS, build_letter_sure_model, build_peaked_model, mcqa_records, pr_records, read_jsonl, run_cli,
+                     write_jsonl)
 
 LETTER = r"\b(?P<answer>[A-E])\b"  # the letter-sure teacher writes bare option letters
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     from first_kd.tiny import build_llama
 
     root = tmp_path_factory.mktemp("generate")
     # Peaked (lm_head x 40) so greedy argmax is not decided by float noise between padded and unpadded runs.
-    peaked = build_llama(root / "peaked", tiny_tokenizer, hidden_size=64, num_layers=2)
-    model = AutoModelForCausalLM.from_pretrained(peaked)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40.0)
-    model.save_pretrained(peaked)
+    peaked = build_peaked_model(root / "peaked", tiny_tokenizer, hidden_size=64, num_layers=2)
     flat = build_llama(root / "flat", tiny_tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=1)
     vendor = GenerationConfig.from_pretrained(flat)
     vendor.do_sample, vendor.top_k = True, 5  # what a hub teacher may ship; generate's options replace it
@@ -59,10 +55,6 @@ def data(tmp_path_factory):
 
 def generate(teacher, data, out, *extra):
     return main(["generate", "--teacher", teacher, "--data", str(data), "--out", str(out), *extra])
-
-
-def read(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def listing(folder):
@@ -131,8 +123,8 @@ def test_records_fields_counts_and_perturbed_answers(tmp_path, models, data, cap
     assert generate(models["sure"], data["mcqa"], out, "--samples", "3", "--temperature", "0.8",
                     "--perturb", "shuffle-options", "--perturb-samples", "2", "--batch-size", "3",
                     "--max-new-tokens", "6", "--extractor", LETTER) == 0
-    raw = read(data["mcqa"])
-    recs = read(out)
+    raw = read_jsonl(data["mcqa"])
+    recs = read_jsonl(out)
     assert [(r["id"], r["sample"]) for r in recs] == [(q["id"], s) for q in raw for s in range(5)]
     cfg = build(RationaleConfig, {"data": str(data["mcqa"])})
     questions = load_questions(datasets.Dataset.from_list(raw), cfg)
@@ -202,7 +194,7 @@ def test_greedy_equals_independent_argmax_loop(tmp_path, models, data, tiny_toke
         tok.save_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     cfg = build(RationaleConfig, {"data": str(data["pr"]), "chat_template": chat})
-    questions = load_questions(datasets.Dataset.from_list(read(data["pr"])), cfg)
+    questions = load_questions(datasets.Dataset.from_list(read_jsonl(data["pr"])), cfg)
     texts = [tok.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True,
                                      tokenize=False) if chat else q.prompt for q in questions]
     prompt_ids = [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
@@ -219,7 +211,7 @@ def test_greedy_equals_independent_argmax_loop(tmp_path, models, data, tiny_toke
     out = tmp_path / "gen.jsonl"
     extra = ["--chat-template"] if chat else []
     assert generate(str(teacher), data["pr"], out, "--max-new-tokens", "10", "--batch-size", "4", *extra) == 0
-    recs = read(out)
+    recs = read_jsonl(out)
     assert [r["prompt"] for r in recs] == [q.prompt for q in questions]  # the plain prompt, never templated
     for rec, ids in zip(recs, prompt_ids):
         new = _greedy_oracle(model, ids, 10, {tok.eos_token_id, stop})
@@ -237,7 +229,7 @@ def test_sampling_follows_temperature_and_top_p(tmp_path, models, data, tiny_tok
     tok = tiny_tokenizer
     model = AutoModelForCausalLM.from_pretrained(models["flat"]).eval()
     cfg = build(RationaleConfig, {"data": str(data["qa"]), "limit": 1})
-    (question,) = load_questions(datasets.Dataset.from_list(read(data["qa"])[:1]), cfg)
+    (question,) = load_questions(datasets.Dataset.from_list(read_jsonl(data["qa"])[:1]), cfg)
     with torch.no_grad():
         logits = model(torch.tensor([tok(question.prompt)["input_ids"]])).logits[0, -1]
 
@@ -248,7 +240,7 @@ def test_sampling_follows_temperature_and_top_p(tmp_path, models, data, tiny_tok
         out = tmp_path / "gen.jsonl"
         assert generate(models["flat"], data["qa"], out, "--limit", "1", "--samples", "300", "--max-new-tokens",
                         "1", "--overwrite", *extra) == 0
-        return [r["rationale"] for r in read(out)]
+        return [r["rationale"] for r in read_jsonl(out)]
 
     free = first_tokens("--temperature", "2.0")
     assert len(set(free)) > 60  # the teacher's own generation_config asks for top_k 5: not applied
@@ -271,9 +263,9 @@ def test_sampling_reproducible_for_a_seed_and_different_across_seeds(tmp_path, m
     assert generate(models["peaked"], data["pr"], b, *args, "--seed", "3") == 0
     assert generate(models["peaked"], data["pr"], c, *args, "--seed", "4") == 0
     assert a.read_bytes() == b.read_bytes()
-    assert [r["rationale"] for r in read(a)] != [r["rationale"] for r in read(c)]
+    assert [r["rationale"] for r in read_jsonl(a)] != [r["rationale"] for r in read_jsonl(c)]
     # the two samples of one question are drawn independently
-    recs = read(a)
+    recs = read_jsonl(a)
     assert any(recs[i]["rationale"] != recs[i + 1]["rationale"] for i in range(0, len(recs), 2))
 
 
@@ -298,7 +290,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, models, data, refer
     killed = run_cli(args, env={"FIRST_KD_CRASH_AT": "generate:after-unit-write:1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not out.exists()  # a killed run never leaves something that looks finished
-    assert len(read(tmp_path / "gen.jsonl.partial")) == 2 * 2 * 3  # units 0 and 1: 2 questions x 3 samples
+    assert len(read_jsonl(tmp_path / "gen.jsonl.partial")) == 2 * 2 * 3  # units 0 and 1: 2 questions x 3 samples
     capsys.readouterr()
     assert main(args) == 0
     assert f"resuming {out}: 2 of 4 unit(s) already written" in capsys.readouterr().out
@@ -376,7 +368,7 @@ def test_same_command_twice_is_a_no_op_and_other_settings_are_refused(tmp_path, 
     assert generate(models["peaked"], data["pr"], out, *args) == 2
     assert "changed after generate wrote it" in capsys.readouterr().err
     assert generate(models["peaked"], data["pr"], out, "--max-new-tokens", "4", "--overwrite") == 0
-    assert max(r["n_tokens"] for r in read(out)) == 4
+    assert max(r["n_tokens"] for r in read_jsonl(out)) == 4
     # strict JSON: no NaN/Infinity tokens anywhere in what generate writes
     json.loads(meta.read_text(), parse_constant=lambda token: pytest.fail(f"meta.json holds {token}"))
 
@@ -466,7 +458,7 @@ def test_rationales_stop_where_max_length_is_reached(tmp_path, models, tiny_toke
     # no generate call ever runs a (left-padded) row past --max-length
     assert calls and all(width + new <= max_length for width, new in calls)
     assert sorted(new for _, new in calls) == [3, max_new]  # only the long prompt's row got less room
-    for rec, n in zip(read(out), lengths):
+    for rec, n in zip(read_jsonl(out), lengths):
         assert n + rec["n_tokens"] <= max_length
         assert rec["finished"] or rec["n_tokens"] == min(max_new, max_length - n)
     assert "1 sample(s) have less room than --max-new-tokens 8 within --max-length" in capsys.readouterr().err
@@ -485,31 +477,11 @@ def test_output_folder_that_cannot_exist_is_one_line(tmp_path, models, data, cap
     assert "\n" not in err and "Traceback" not in err and blocker.read_text() == "x\n"
 
 
-def _with_file_size_limit(limit):
-    def set_limit():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return set_limit
-
-
-def run_cli_limited(args, limit):
-    """The CLI in a subprocess that may not grow any file past `limit` bytes: writes fail with EFBIG, as on
-    a full disk (Python ignores SIGXFSZ)."""
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "first_kd.cli", *args], cwd=Path(G.__file__).parents[1],
-                          env=dict(os.environ), capture_output=True, text=True,
-                          preexec_fn=_with_file_size_limit(limit))
-
-
 def test_full_disk_is_one_line_and_a_rerun_resumes_to_the_same_file(tmp_path, models, data, reference):
     out = tmp_path / "gen.jsonl"
     args = ["generate", "--teacher", models["sure"], "--data", str(data["mcqa"]), "--out", str(out), *RESUME_ARGS]
     limit = len(reference.read_bytes()) // 2  # room for about half the lines
-    full = run_cli_limited(args, limit)
+    full = run_cli(args, limit_bytes=limit)
     assert full.returncode == 2, full.stderr[-2000:]
     err = [line for line in re.split(r"[\r\n]+", full.stderr) if line.strip() and "generating" not in line]
     assert len(err) == 1 and err[0].startswith("first-kd generate: error:"), full.stderr[-2000:]
@@ -519,7 +491,7 @@ def test_full_disk_is_one_line_and_a_rerun_resumes_to_the_same_file(tmp_path, mo
     assert out.read_bytes() == reference.read_bytes()
     # Replacing a finished output on a full disk loses nothing: the old output and its meta stay whole.
     before = {p.name: p.read_bytes() for p in (out, tmp_path / "gen.meta.json")}
-    again = run_cli_limited([*args, "--seed", "5", "--overwrite"], limit)
+    again = run_cli([*args, "--seed", "5", "--overwrite"], limit_bytes=limit)
     assert again.returncode == 2 and "EFBIG" in again.stderr and "Traceback" not in again.stderr
     assert {p.name: p.read_bytes() for p in (out, tmp_path / "gen.meta.json")} == before
 

@@ -11,8 +11,7 @@ from matplotlib.patches import Rectangle
 
 from first_kd import metrics as M
 from first_kd import plots as P
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from helpers import PNG_MAGIC
 
 
 def _model(seed, sharpen):

@@ -21,7 +21,7 @@ from first_kd.data import DataConfig, tokenize_records
 from first_kd.errors import FirstKDError
 from first_kd.store import open_store
 
-from conftest import LETTERS, _WORDS, tiny_corpus
+from helpers import CORPUS_WORDS, LETTERS, tiny_corpus, write_jsonl
 
 SENTENCEPIECE = {  # family -> train_sentencepiece_tokenizer options
     "llama2-bpe": dict(model="bpe", layout="legacy"),
@@ -54,8 +54,8 @@ def family(request, tmp_path_factory):
 
 def mcqa_records(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"q{i}", "question": " ".join(rng.choices(_WORDS, k=rng.randint(3, 9))) + "?",
-             "choices": {"label": list(LETTERS), "text": [rng.choice(_WORDS) for _ in LETTERS]},
+    return [{"id": f"q{i}", "question": " ".join(rng.choices(CORPUS_WORDS, k=rng.randint(3, 9))) + "?",
+             "choices": {"label": list(LETTERS), "text": [rng.choice(CORPUS_WORDS) for _ in LETTERS]},
              "answerKey": rng.choice(LETTERS)} for i in range(n)]
 
 
@@ -105,8 +105,7 @@ def test_cache_and_evaluate_with_default_options(name, tmp_path):
     tok = build_tokenizer(name, tmp_path / "tok")
     model = build_llama(tmp_path / "model", tok, hidden_size=32, num_layers=1, num_heads=2)
     records = mcqa_records(8)
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = write_jsonl(tmp_path / "mc.jsonl", records)
     store_path = tmp_path / "mc.zarr"
     assert main(["cache", "--teacher", str(model), "--data", str(data), "--out", str(store_path)]) == 0
     store = open_store(store_path)

@@ -3,7 +3,6 @@ exact text and ids of the contract, seeded and order-independent step dropping, 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 
@@ -14,6 +13,7 @@ from first_kd.config import build
 from first_kd.data import DataConfig, prepare_dataset, tokenize_records
 from first_kd.errors import FirstKDError
 from first_kd.data.traces import drop_steps, marker_prefix_ids, parse_levels, split_trace, trace_variants
+from helpers import write_jsonl
 
 
 def steps_response(n_steps: int, answer: str = "The answer is 7.") -> str:
@@ -123,8 +123,7 @@ def test_trace_levels_expand_each_record_into_its_variants(tiny_tokenizer):
 
 
 def test_alpaca_output_field_and_custom_separator_and_markers(tiny_tokenizer, tmp_path):
-    path = tmp_path / "a.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA))
+    path = write_jsonl(tmp_path / "a.jsonl", ALPACA)
     cfg = build(DataConfig, {"data": str(path), "trace_levels": "0,1", "step_separator": "\\n",
                              "slow_marker": "<think>", "fast_marker": "<answer>"})
     rows, info = prepare_dataset(cfg, tiny_tokenizer)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from first_kd.cli import main
 from first_kd.tiny import build_llama
 
-from test_cache import mcqa_records, write_jsonl
+from helpers import mcqa_records, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -82,7 +82,7 @@ EXTRACTOR = "hashes"
 TOKENS_PER_STEP = 16
 EVALUATED = ("teacher", "student_cot", "student_answers", "student_dual")
 # What the results keep of each mode of an evaluation: the model summary (a model that writes its own
-# answer has no NLL: first_kd.generation_eval) and what generation adds.
+# answer has no NLL: first_kd.scoring.summarize_generation) and what generation adds.
 MODE_KEYS = (*(k for k in metrics.MODEL_SUMMARY_KEYS if k != "nll"), "mean_generated_tokens", "no_answer_rate",
              "chosen_modes")
 # A teacher trained too briefly (a CI-sized run) may get no sampled rationale right, or its samples may
