@@ -53,9 +53,8 @@ import random
 from pathlib import Path
 
 from first_kd import metrics
-from first_kd.config import to_dict
-from first_kd.demo.runner import (Layout, Step, calibrated_from, require, run_steps, store_complete,
-                                  store_temperature, write_jsonl)
+from first_kd.demo.runner import (Layout, Step, calibrated_from, check_lines, finish, read_json, require, run_facts,
+                                  run_steps, store_complete, store_temperature, teacher_step, write_jsonl)
 from first_kd.errors import FirstKDError
 
 LETTERS = "ABCDE"
@@ -157,14 +156,8 @@ def pipeline(cfg, lay: Layout) -> list[Step]:
     """The demo's commands, in order (argv for first_kd.cli.main, without the program name)."""
     # Paths are kept as the user gave --out (relative stays relative), so commands.sh works from the same directory.
     teacher_model = lay.runs / "teacher" / "model"
-    steps = [Step(
-        "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
-                    "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
-                    "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
-                    "--seed", str(cfg.seed), "--save-every", "0"],
-        lambda: (lay.runs / "teacher" / "summary.json").is_file(),
-        "fine-tune the teacher on its own split until it is accurate and near-certain (over-confident on the "
-        "noisy benchmark)")]
+    steps = [teacher_step(cfg, lay, "fine-tune the teacher on its own split until it is accurate and near-certain "
+                                    "(over-confident on the noisy benchmark)")]
     for split in ("train", "val", "test"):
         steps.append(Step(
             f"cache {split}", ["cache", "--teacher", str(teacher_model), "--data", str(lay.split(split)),
@@ -382,8 +375,7 @@ def summary_text(report: dict) -> str:
                  f"test n = {report['models']['teacher']['n']:,} questions")
     lines.append(f"  training store: {store['bytes_per_position']:.2f} bytes/position (top-{store['k']}), "
                  f"mean top-{store['k']} mass {store['mean_topk_mass']:.4f}")
-    for c in report["checks"]:
-        lines.append(f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})")
+    lines += check_lines(report["checks"])
     lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
                  f"report in {Path(report['out']) / 'report.md'}, students' val curves in "
                  f"{Path(report['out']) / 'training.png'}")
@@ -403,22 +395,14 @@ def run(cfg) -> int:
 
     splits, timings = run_steps(cfg, lay, pipeline(cfg, lay), setup)
 
-    report_path = lay.root / "report.json"
-    report = json.loads(report_path.read_text())
+    report = read_json(lay.root / "report.json")
     # The report command keeps {label: record}; the demo has one fitted record, so it is given as such.
     report["temperature"] = store_temperature(lay.store("train"))
     report["store"] = verify(lay.store("train"))
-    report["wall_seconds"] = round(sum(timings.values()), 2)
-    report["timings"] = timings
+    report.update(run_facts(cfg, lay, timings))
     report["bayes_optimal"] = bayes_reference(splits["test"], cfg.eps)
-    report["demo"] = to_dict(cfg)
-    report["out"] = str(lay.root)
     report["checks"] = claims(report["models"], report["store"])
     report["val_curves"] = read_curves(lay)
     save_curves_figure(report["val_curves"], lay.root / "training.png",
                        f"students on the val split during training (seed {cfg.seed})")
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    with open(lay.root / "report.md", "a") as f:  # the report step rewrote it just now, so this appends once
-        f.write("\n" + demo_markdown(report))
-    print(summary_text(report), flush=True)
-    return 0
+    return finish(lay, report, demo_markdown(report), summary_text(report))

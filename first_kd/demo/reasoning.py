@@ -62,17 +62,15 @@ The story, every step a public command (DIR/commands.sh)
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from first_kd import metrics
-from first_kd.config import to_dict
 from first_kd.data.rationale import with_cue
 from first_kd.data.traces import parse_levels
 from first_kd.demo import runner
-from first_kd.demo.runner import (Step, calibrated_from, read_json, require, run_steps, store_complete,
-                                  write_jsonl)
+from first_kd.demo.runner import (Step, calibrated_from, check_lines, finish, read_json, require, run_facts, run_steps,
+                                  store_complete, teacher_step, write_jsonl)
 from first_kd.errors import FirstKDError
 
 CUE = "Let's think step by step."
@@ -196,13 +194,7 @@ def pipeline(cfg, lay: Layout) -> list:
     cache_data = {"train": cot, "val": lay.split("val")}
     store = {"train": lay.store("train"), "val": lay.store("val")}
     sc = lay.filtered / "train_sc.jsonl"
-    steps = [Step(
-        "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
-                    "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
-                    "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
-                    "--seed", str(cfg.seed), "--save-every", "0"],
-        lambda: (lay.runs / "teacher" / "summary.json").is_file(),
-        "fine-tune the teacher on full addition traces")]
+    steps = [teacher_step(cfg, lay, "fine-tune the teacher on full addition traces")]
     sampling = ["--samples", str(cfg.samples)] + (["--temperature", str(cfg.sample_temperature)]
                                                   if cfg.samples > 1 else [])
     steps.append(Step(
@@ -398,8 +390,7 @@ def summary_text(report: dict) -> str:
     if pseudo:
         lines.append(f"  self-consistency pseudo-labels: {pseudo['accuracy_kept']:.4f} kept ({pseudo['n_kept']}) vs "
                      f"{pseudo['accuracy_all']:.4f} all ({pseudo['n_all']})")
-    for c in report["checks"]:
-        lines.append(f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})")
+    lines += check_lines(report["checks"])
     lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
                  f"report in {Path(report['out']) / 'report.md'}")
     return "\n".join(lines)
@@ -415,20 +406,12 @@ def run(cfg) -> int:
     lay = Layout(cfg.out)
     _, timings = run_steps(cfg, lay, pipeline(cfg, lay), lambda: build_inputs(cfg, lay))
 
-    report_path = lay.root / "report.json"
-    report = json.loads(report_path.read_text())
+    report = read_json(lay.root / "report.json")
     report["results"] = collect(lay)
-    report["wall_seconds"] = round(sum(timings.values()), 2)
-    report["timings"] = timings
-    report["demo"] = to_dict(cfg)
-    report["out"] = str(lay.root)
+    report.update(run_facts(cfg, lay, timings))
     try:
         report["checks"] = claims(report["results"])
     except (KeyError, TypeError) as e:
         raise FirstKDError(f"an evaluation in {lay.evals} lacks a metric the checks need ({e}); delete it and "
                            "re-run the demo with the same options") from None
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    with open(lay.root / "report.md", "a") as f:
-        f.write("\n" + demo_markdown(report))
-    print(summary_text(report), flush=True)
-    return 0
+    return finish(lay, report, demo_markdown(report), summary_text(report))

@@ -109,6 +109,17 @@ def calibrated_from(path: Path, val: Path) -> bool:
     return bool(record) and (record.get("fitted_on") or {}).get("path") == str(val)
 
 
+def teacher_step(cfg, lay: Layout, comment: str) -> Step:
+    """Every suite's first step: `distill --loss ce` fine-tunes the untrained teacher on its own split."""
+    return Step(
+        "teacher", ["distill", "--student", str(lay.models / "teacher-init"), "--data", str(lay.split("teacher")),
+                    "--loss", "ce", "--out", str(lay.runs / "teacher"), "--max-steps", str(cfg.teacher_steps),
+                    "--lr", str(cfg.teacher_lr), "--batch-size", str(cfg.batch_size), "--schedule", cfg.schedule,
+                    "--seed", str(cfg.seed), "--save-every", "0"],
+        lambda: (lay.runs / "teacher" / "summary.json").is_file(),
+        comment)
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the steps
 # ----------------------------------------------------------------------------------------------
@@ -191,3 +202,29 @@ def run_steps(cfg, lay: Layout, steps: list[Step], setup: Callable[[], object]):
     finally:
         torch.set_num_threads(threads_before)
     return built, timings
+
+
+# ----------------------------------------------------------------------------------------------
+# The suite's report on top of the report step's
+# ----------------------------------------------------------------------------------------------
+
+
+def run_facts(cfg, lay: Layout, timings: dict) -> dict:
+    """What report.json says of the run itself: wall time, per-step seconds, the options and DIR."""
+    return {"wall_seconds": round(sum(timings.values()), 2), "timings": timings, "demo": to_dict(cfg),
+            "out": str(lay.root)}
+
+
+def check_lines(checks: list[dict]) -> list[str]:
+    """The printed lines of a suite's checks: [ok] or [MISSED], the claim and its measured value."""
+    return [f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})" for c in checks]
+
+
+def finish(lay: Layout, report: dict, markdown: str, summary: str) -> int:
+    """Write the suite's report.json, append its section to report.md (the report step rewrote that just now,
+    so it is appended once) and print its summary."""
+    (lay.root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(lay.root / "report.md", "a") as f:
+        f.write("\n" + markdown)
+    print(summary, flush=True)
+    return 0
