@@ -200,7 +200,7 @@ def test_report_json_holds_every_key(finished):
     assert store["complete"] and store["k"] == 5 and store["n_positions"] == 64  # one answer position per question
     assert report["wall_seconds"] > 0
     # every student was validated along the way, at increasing steps ending at the budget
-    for loss in ("ce", "kd", "first"):
+    for loss in ("ce", "kd", "ls", "first"):
         steps = [p["step"] for p in report["val_curves"][f"student_{loss}"]]
         assert steps == sorted(steps) and steps[-1] == 4 and len(steps) >= 2
     assert_checks_hold_as_stated(report["checks"])
@@ -209,6 +209,11 @@ def test_report_json_holds_every_key(finished):
     assert checks["teacher ECE before temperature >= 0.10"] == report["models"]["teacher"]["ece"]
     assert checks["teacher ECE after temperature <= 0.05"] == report["models"]["teacher_ts"]["ece"]
     assert checks["training store bytes per target position (top-k payload) <= 16"] == store["bytes_per_position"]
+    first_full = report["models"]["student_first"]["full_vocabulary"]
+    ce_full = report["models"]["student_ce"]["full_vocabulary"]
+    assert checks["student_first full-vocabulary mass on the options >= 0.9"] == first_full["mean_options_mass"]
+    assert checks["student_first full-vocabulary ECE / student_ce full-vocabulary ECE <= 0.5"] == pytest.approx(
+        first_full["ece"] / ce_full["ece"])
     # the teacher with and without temperature differ only in confidence, never in the answers
     assert report["models"]["teacher"]["accuracy"] == report["models"]["teacher_ts"]["accuracy"]
     assert report["models"]["teacher_ts"]["temperature"]["value"] == t["value"]
@@ -220,14 +225,17 @@ def test_commands_sh_lists_the_commands_that_ran(finished):
     ran = [c for c in calls if c[0] != "demo"]
     assert _commands_sh(out) == ran
     assert [c[0] for c in ran] == ["distill", "cache", "cache", "cache", "calibrate", "calibrate", "distill", "distill",
-                                   "distill", "evaluate", "evaluate", "evaluate", "evaluate", "evaluate", "report"]
+                                   "distill", "distill", "evaluate", "evaluate", "evaluate", "evaluate", "evaluate",
+                                   "evaluate", "report"]
     losses = [c[c.index("--loss") + 1] for c in ran if c[0] == "distill"]
-    assert losses == ["ce", "ce", "kd", "first"]
+    assert losses == ["ce", "ce", "kd", "kd", "first"]
+    ls = next(c for c in ran if c[0] == "distill" and "--teacher-smoothing" in c)
+    assert "student_ls" in ls[ls.index("--out") + 1]
     # every line is a valid command line of the CLI
     parser = cli.build_parser()
     for argv in ran:
         assert parser.parse_args(argv).command == argv[0]
-    # the three students share the initialisation, budget, learning rate and seed
+    # the students share the initialisation, budget, learning rate and seed
     students = [c for c in ran if c[0] == "distill"][1:]
 
     def opt(argv, flag):

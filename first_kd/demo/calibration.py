@@ -60,8 +60,19 @@ from first_kd.errors import FirstKDError
 LETTERS = "ABCDE"
 N_OPTIONS = len(LETTERS)
 QUESTION = "Which is heaviest?"
-MODEL_LABELS = ("teacher", "teacher_ts", "student_ce", "student_kd", "student_first")
-STUDENT_LOSSES = ("ce", "kd", "first")
+MODEL_LABELS = ("teacher", "teacher_ts", "student_ce", "student_kd", "student_ls", "student_first")
+# The students: name -> (distill --loss, extra options, what it is). `ls` is the FIRST paper's "Distill w/
+# LS" baseline: KD whose teacher top-k has LS_FACTOR of its top-1 probability spread over the other ids, a
+# fixed smoothing instead of a temperature fitted on held-out data.
+LS_FACTOR = 0.1
+STUDENTS = {
+    "ce": ("ce", [], "student fine-tuned on the (noisy) labels of the train split"),
+    "kd": ("kd", [], "student distilled from the raw teacher top-k (no temperature)"),
+    "ls": ("kd", ["--teacher-smoothing", str(LS_FACTOR)],
+           f"student distilled from the teacher top-k label-smoothed by {LS_FACTOR} (Distill w/ LS)"),
+    "first": ("first", [], "student distilled from the temperature-calibrated teacher top-k (FIRST)"),
+}
+STUDENT_LOSSES = tuple(STUDENTS)
 # Consonant-vowel syllables for made-up object names: pronounceable, so BPE learns each name as one token.
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
@@ -174,7 +185,7 @@ def pipeline(cfg, lay: Layout) -> list[Step]:
                            "--form", cfg.form],
         lambda: calibrated_from(lay.store("test"), lay.store("val")),
         "the same fit (deterministic, on val again) recorded in the test store, for `evaluate --store`"))
-    for loss in STUDENT_LOSSES:
+    for name, (loss, extra, what) in STUDENTS.items():
         # Validation on val every tenth of the budget only logs (nothing is selected with it): the curves
         # show when each student's calibration is won or lost.
         if loss == "ce":
@@ -182,15 +193,12 @@ def pipeline(cfg, lay: Layout) -> list[Step]:
         else:
             source = ["--store", str(lay.store("train")), "--val-store", str(lay.store("val"))]
         steps.append(Step(
-            f"student {loss}", ["distill", "--student", str(lay.models / "student-init"), *source, "--loss", loss,
-                                "--out", str(lay.runs / f"student_{loss}"), "--max-steps", str(cfg.student_steps),
-                                "--lr", str(cfg.student_lr), "--batch-size", str(cfg.batch_size),
-                                "--schedule", cfg.schedule, "--seed", str(cfg.seed), "--save-every", "0",
-                                "--eval-every", str(max(1, cfg.student_steps // 10))],
-            lambda s=loss: (lay.runs / f"student_{s}" / "summary.json").is_file(),
-            {"ce": "student fine-tuned on the (noisy) labels of the train split",
-             "kd": "student distilled from the raw teacher top-k (no temperature)",
-             "first": "student distilled from the temperature-calibrated teacher top-k (FIRST)"}[loss]))
+            f"student {name}", ["distill", "--student", str(lay.models / "student-init"), *source, "--loss", loss,
+                                *extra, "--out", str(lay.runs / f"student_{name}"), "--max-steps",
+                                str(cfg.student_steps), "--lr", str(cfg.student_lr), "--batch-size",
+                                str(cfg.batch_size), "--schedule", cfg.schedule, "--seed", str(cfg.seed),
+                                "--save-every", "0", "--eval-every", str(max(1, cfg.student_steps // 10))],
+            lambda s=name: (lay.runs / f"student_{s}" / "summary.json").is_file(), what))
     for label, temperature in (("teacher", False), ("teacher_ts", True)):
         steps.append(Step(
             f"evaluate {label}", ["evaluate", "--store", str(lay.store("test")),
@@ -314,6 +322,8 @@ def claims(models: dict, store: dict) -> list[dict]:
     """What the demo is meant to show, each with its measured value and whether it holds."""
     t, ts = models["teacher"], models["teacher_ts"]
     ce, first = models["student_ce"], models["student_first"]
+    # The students as language models: their own next-token probabilities, not renormalised over the options.
+    ce_full, first_full = ce.get("full_vocabulary") or {}, first.get("full_vocabulary") or {}
     return [
         {"claim": "teacher ECE before temperature >= 0.10", "value": t["ece"], "ok": t["ece"] >= 0.10},
         {"claim": "teacher ECE after temperature <= 0.05", "value": ts["ece"], "ok": ts["ece"] <= 0.05},
@@ -323,6 +333,11 @@ def claims(models: dict, store: dict) -> list[dict]:
          "ok": first["ece"] <= 0.5 * ce["ece"]},
         {"claim": "student_first accuracy - student_ce accuracy >= -0.01",
          "value": first["accuracy"] - ce["accuracy"], "ok": first["accuracy"] >= ce["accuracy"] - 0.01},
+        {"claim": "student_first full-vocabulary mass on the options >= 0.9",
+         "value": first_full.get("mean_options_mass", 0.0), "ok": first_full.get("mean_options_mass", 0.0) >= 0.9},
+        {"claim": "student_first full-vocabulary ECE / student_ce full-vocabulary ECE <= 0.5",
+         "value": (first_full.get("ece") or 0) / max(ce_full.get("ece") or 0, 1e-12),
+         "ok": bool(first_full) and bool(ce_full) and first_full["ece"] <= 0.5 * ce_full["ece"]},
         {"claim": "training store bytes per target position (top-k payload) <= 16",
          "value": store["bytes_per_position"], "ok": store["bytes_per_position"] <= 16},
     ]
