@@ -53,8 +53,7 @@ class CacheConfig(ModelOptions, DataConfig):
         super().validate()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")
-        if not self.data:
-            raise FirstKDError("missing --data (a jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset)")
+        self.require_data()
         if not self.out:
             raise FirstKDError("missing --out (where to write the store, e.g. cache/train.zarr)")
         if self.k < 1:

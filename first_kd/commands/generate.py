@@ -85,8 +85,7 @@ class GenerateConfig(ModelOptions, RationaleConfig):
         super().validate()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")
-        if not self.data:
-            raise FirstKDError("missing --data (a jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset)")
+        self.require_data()
         if not self.out:
             raise FirstKDError("missing --out (the jsonl file to write, e.g. gen/train.jsonl)")
         if Path(self.out).suffix.lower() != ".jsonl":

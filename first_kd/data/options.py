@@ -71,6 +71,11 @@ class DataConfig:
     slow_marker: str = option("[slow]", help="control marker opening a response that shows (part of) its trace")
     fast_marker: str = option("[fast]", help="control marker opening a response that gives the answer only")
 
+    def require_data(self) -> None:
+        """One-line error for a command that cannot run without --data."""
+        if not self.data:
+            raise FirstKDError("missing --data (a jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset)")
+
     def validate(self) -> None:
         if self.max_length < 2:
             raise FirstKDError(f"--max-length must be at least 2 (prompt + target); got {self.max_length}")
