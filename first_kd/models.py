@@ -47,23 +47,60 @@ def load_tokenizer(name_or_path: str, revision=None, trust_remote_code=False):
     return tok
 
 
-def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, trust_remote_code=False):
+def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, trust_remote_code=False,
+               device_map: str = "none"):
+    """A causal LM in eval mode on `device`; with device_map="auto", spread by accelerate over every visible
+    GPU, then CPU memory, for a model larger than one device (`device` is then unused)."""
     from transformers import AutoModelForCausalLM
 
+    placement = {} if device_map == "none" else {"device_map": device_map}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **placement)
     except Exception as e:
         raise FirstKDError(f"cannot load a causal LM from {name_or_path!r} ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}): check the path or hub id") from None
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
+
+
+def load_config(name_or_path: str, revision=None, trust_remote_code=False):
+    """A model's transformers config, without its weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise FirstKDError(f"cannot read a model config from {name_or_path!r} ({type(e).__name__}): check the "
+                           "path or hub id") from None
+
+
+def model_positions(config) -> Optional[int]:
+    """The most positions a model config allows (max_position_embeddings, GPT-2's n_positions, ...), or None
+    when the config names none."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def generation_config(name_or_path: str, revision=None):
+    """A model's generation_config.json (blank when it has none): its eos ids end generated text."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name_or_path, revision=revision)
+    except Exception:
+        return GenerationConfig()
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a generated answer: the tokenizer's eos and the model's generation eos ids (chat
-    models end a turn with a token of their own). Empty when neither defines one."""
+    models end a turn with a token of their own). Empty when neither defines one. `model` is a model or
+    its generation config (`generation_config`)."""
     ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    config = getattr(model, "generation_config", model)
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
         if value is not None:
             ids.update(value if isinstance(value, (list, tuple)) else [value])
     return sorted(ids)

@@ -32,14 +32,15 @@ from first_kd import store as topk_store
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
 from first_kd.data.tokenize import data_fingerprint
-from first_kd.engines.hf import unit_topk
+from first_kd.engines.options import EngineOptions
 from first_kd.errors import FirstKDError
-from first_kd.models import ModelOptions, load_model, load_tokenizer, resolve_dtype, weights_fingerprint
+from first_kd.models import (ModelOptions, load_config, load_model, load_tokenizer, model_positions, resolve_dtype,
+                             weights_fingerprint)
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff
 
 
 @dataclasses.dataclass
-class CacheConfig(ModelOptions, DataConfig):
+class CacheConfig(ModelOptions, EngineOptions, DataConfig):
     teacher: Optional[str] = option(None, help="teacher causal LM: hub id or local path")
     out: Optional[str] = option(None, help="store path to write (a directory, e.g. cache/csqa-train.zarr)")
     k: int = option(5, help="top-k ids kept per target position")
@@ -51,6 +52,7 @@ class CacheConfig(ModelOptions, DataConfig):
 
     def validate(self):
         super().validate()
+        self.validate_engine()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")
         self.require_data()
@@ -67,10 +69,11 @@ class CacheConfig(ModelOptions, DataConfig):
 # ----------------------------------------------------------------------------------------------
 
 
-def _plan_attrs(cfg: CacheConfig, tokenizer, dtype, info: dict, fingerprint: str, weights: Optional[dict]) -> dict:
+def _plan_attrs(cfg: CacheConfig, tokenizer, dtype, info: dict, fingerprint: str, weights: Optional[dict],
+                engine: dict) -> dict:
     return {
         "teacher": {"name": cfg.teacher, "revision": cfg.revision, "dtype": str(dtype).replace("torch.", ""),
-                    "model_type": None, "weights": weights},
+                    "model_type": None, "weights": weights, "engine": engine},
         "tokenizer": topk_store.tokenizer_fingerprint(tokenizer),
         "data": {"source": cfg.data, "split": cfg.split, "format": info["format"], "fingerprint": fingerprint,
                  "n_truncated": info.get("n_truncated", 0), "choice_token_ids": info.get("choice_token_ids", []),
@@ -90,9 +93,14 @@ def _short(digest: Optional[str]) -> Optional[str]:
 def pass_identity(attrs: dict) -> dict:
     """The settings that make two passes the same pass (a resume continues one; a re-run of a finished one
     is a no-op), flattened from store attributes. Batch size and process count are not among them: they
-    never change the arrays."""
+    never change the arrays. The engine is: vLLM's version and parallel layout change the arithmetic
+    (stores written before engines were recorded are hf stores)."""
     teacher = attrs.get("teacher") or {}
+    engine = teacher.get("engine") or {"name": "hf"}
+    layout = {key: value for key, value in (engine.get("settings") or {}).items()
+              if key in ("tensor_parallel_size", "pipeline_parallel_size")}
     return {"teacher": teacher.get("name"), "revision": teacher.get("revision"), "dtype": teacher.get("dtype"),
+            "engine": engine.get("name"), "engine_version": engine.get("version"), "engine_layout": layout or None,
             "weights": _short((teacher.get("weights") or {}).get("sha256")),
             "tokenizer": _short((attrs.get("tokenizer") or {}).get("sha256")),
             "data": _short((attrs.get("data") or {}).get("fingerprint")),
@@ -138,7 +146,7 @@ def _prepare(cfg: CacheConfig, tokenizer, dtype) -> Optional[_Inputs]:
     _check_out(out, cfg.overwrite)
     tokenized, info = prepare_dataset(cfg, tokenizer)
     attrs = _plan_attrs(cfg, tokenizer, dtype, info, data_fingerprint(tokenized),
-                        weights_fingerprint(cfg.teacher, cfg.revision))
+                        weights_fingerprint(cfg.teacher, cfg.revision), _engine(cfg, dtype)[0])
     if not cfg.overwrite and topk_store.is_store(out):
         old = dict(zarr.open_group(str(out), mode="r").attrs)
         if old.get("complete"):
@@ -184,6 +192,52 @@ def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> N
     topk_store.create_store(out, tokenized, plan, attrs, vocab_size)
 
 
+def _engine(cfg: CacheConfig, dtype) -> tuple[dict, Optional[dict]]:
+    """(what the store records about the engine, vllm.LLM's settings or None for hf). Nothing is loaded."""
+    if cfg.engine == "hf":
+        import transformers
+
+        return {"name": "hf", "transformers": transformers.__version__, "device_map": cfg.device_map}, None
+    from first_kd.engines import vllm as vllm_engine
+
+    # A sequence is at most --max-length tokens; the engine generates one step after it.
+    positions = model_positions(load_config(cfg.teacher, cfg.revision, cfg.trust_remote_code))
+    max_len = cfg.max_length + 1 if positions is None else min(cfg.max_length + 1, positions)
+    settings = vllm_engine.engine_settings(cfg, cfg.teacher, cfg.revision, cfg.trust_remote_code,
+                                           str(dtype).replace("torch.", ""), max_len, cfg.k)
+    return vllm_engine.engine_record(settings), settings
+
+
+@dataclasses.dataclass
+class _Teacher:
+    """A loaded teacher, whatever the engine: its config, vocabulary size and `topk(sequences, positions,
+    on_batch) -> (ids, logprobs)` for one unit (first_kd.engines' contract)."""
+
+    config: object
+    vocab_size: int
+    topk: object
+
+
+@contextlib.contextmanager
+def _open_teacher(cfg: CacheConfig, state, dtype, pad_id: int):
+    _, settings = _engine(cfg, dtype)
+    if settings is not None:
+        from first_kd.engines import vllm as vllm_engine
+
+        config = load_config(cfg.teacher, cfg.revision, cfg.trust_remote_code)
+        with vllm_engine.started_engine(settings) as llm:
+            yield _Teacher(config, config.vocab_size,
+                           lambda seqs, pos, on_batch: vllm_engine.unit_topk(llm, seqs, pos, cfg.k, on_batch))
+        return
+    from first_kd.engines.hf import unit_topk
+
+    model = load_model(cfg.teacher, dtype, state.device, cfg.revision, cfg.trust_remote_code, cfg.device_map)
+    device = None if cfg.device_map != "none" else state.device  # spread: inputs go where the embeddings are
+    yield _Teacher(model.config, model.get_output_embeddings().weight.shape[0],
+                   lambda seqs, pos, on_batch: unit_topk(model, seqs, pos, cfg.k, cfg.batch_size, pad_id,
+                                                         device=device, on_batch=on_batch))
+
+
 def _main_then_share(state, fn):
     """Run `fn` on the main process only. Every process stops with its error, and learns whether it
     returned None (then the others get None too, else True)."""
@@ -214,6 +268,9 @@ def run_cache(cfg: CacheConfig) -> int:
 
     # cpu=True lets a CPU-only launch of several processes use gloo instead of looking for GPUs.
     state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes > 1 and (cfg.engine == "vllm" or cfg.device_map != "none"):
+        raise FirstKDError(f"--{'engine vllm' if cfg.engine == 'vllm' else 'device-map auto'} spreads the teacher "
+                           "over the GPUs itself: run `first-kd cache` as one process (not under accelerate launch)")
     dtype = resolve_dtype(cfg.dtype, state.device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     with contextlib.ExitStack() as held:
@@ -227,13 +284,12 @@ def run_cache(cfg: CacheConfig) -> int:
         inputs = _main_then_share(state, lock_and_prepare)
         if inputs is None:
             return say_done("cache", cfg.out, "a complete top-k store") if state.is_main_process else 0
-        model = load_model(cfg.teacher, dtype, state.device, cfg.revision, cfg.trust_remote_code)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
+        teacher = held.enter_context(_open_teacher(cfg, state, dtype, tokenizer.pad_token_id))
         try:
-            _main_then_share(state, lambda: _plan(cfg, inputs, model.config, vocab_size))
+            _main_then_share(state, lambda: _plan(cfg, inputs, teacher.config, teacher.vocab_size))
             crash_point("planned")
             group = zarr.open_group(cfg.out, mode="r+")
-            _run_units(cfg, state, model, tokenizer.pad_token_id, group)
+            _run_units(cfg, state, teacher, group)
             _finish(cfg, state, group)
         except OSError as e:  # a full disk: zarr's failed chunk writes name no file, so name the store
             if not e.filename:
@@ -242,7 +298,7 @@ def run_cache(cfg: CacheConfig) -> int:
     return 0
 
 
-def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
+def _run_units(cfg: CacheConfig, state, teacher: _Teacher, group) -> None:
     """This process's share of the pending units: the engine's top-k at their rows, written unit by unit."""
     seq_offsets = group["seq_offsets"][:]
     pos_offsets = group["pos_offsets"][:]
@@ -264,8 +320,7 @@ def _run_units(cfg: CacheConfig, state, model, pad_id: int, group) -> None:
 
     for unit in mine:
         sequences, positions = topk_store.unit_sequences(group, unit, seq_offsets, pos_offsets)
-        unit_ids, unit_lp = unit_topk(model, sequences, positions, cfg.k, cfg.batch_size, pad_id,
-                                      device=state.device, on_batch=progress)
+        unit_ids, unit_lp = teacher.topk(sequences, positions, progress)
         crash_point(f"unit-computed:{unit}")
         topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
         crash_point(f"unit-done:{unit}")

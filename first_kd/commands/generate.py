@@ -28,6 +28,7 @@ mapped back to the original option letters, so they vote with the unperturbed sa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -47,10 +48,11 @@ from tqdm.auto import tqdm
 from first_kd import __version__
 from first_kd.config import option
 from first_kd.data import LETTERS, encode_prompts, load_records
+from first_kd.engines.options import EngineOptions
 from first_kd.errors import FirstKDError
 from first_kd.decoding import generate_texts
 from first_kd.files import file_sha256, write_json_atomic
-from first_kd.models import ModelOptions, stop_token_ids
+from first_kd.models import ModelOptions, model_positions, stop_token_ids
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff, writable_parent
 from first_kd.data.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
@@ -60,7 +62,7 @@ MIN_TEMPERATURE = 0.01
 
 
 @dataclass
-class GenerateConfig(ModelOptions, RationaleConfig):
+class GenerateConfig(ModelOptions, EngineOptions, RationaleConfig):
     teacher: Optional[str] = option(None, help="teacher causal LM that writes the rationales: hub id or local path")
     out: Optional[str] = option(None, help="jsonl file to write, one line per sample (e.g. gen/train.jsonl)")
     samples: int = option(1, help="rationales sampled per question (several need --temperature > 0)")
@@ -83,6 +85,7 @@ class GenerateConfig(ModelOptions, RationaleConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_engine()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")
         self.require_data()
@@ -213,16 +216,6 @@ def _records(rows: list[_Sample], results, questions: list[Question], extractor)
 # Length: prompt + rationale within --max-length and the teacher's positions
 
 
-def model_positions(config) -> Optional[int]:
-    """The most positions a model config allows (max_position_embeddings, GPT-2's n_positions, ...), or None
-    when the config names none."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def length_limit(max_length: int, positions: Optional[int]) -> tuple[int, str, str]:
     """(tokens a prompt and its rationale may take together, what sets that limit, how to make room)."""
     if positions is not None and positions < max_length:
@@ -276,11 +269,14 @@ def _questions_fingerprint(questions: list[Question]) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg: GenerateConfig, questions: list[Question], dtype: torch.dtype, tokenizer) -> dict:
-    """What defines the output: a resume must find exactly these."""
+def _settings(cfg: GenerateConfig, questions: list[Question], dtype: torch.dtype, tokenizer,
+              engine: Optional[dict]) -> dict:
+    """What defines the output: a resume must find exactly these. `engine`: the vLLM record (name, version,
+    the settings that shape the numbers); None for hf, whose outputs carry no engine key."""
     from first_kd.store import tokenizer_fingerprint
 
-    return {"teacher": cfg.teacher, "revision": cfg.revision, "dtype": str(dtype).replace("torch.", ""),
+    extra = {} if engine is None else {"engine": {key: engine.get(key) for key in ("name", "version", "settings")}}
+    return {**extra,"teacher": cfg.teacher, "revision": cfg.revision, "dtype": str(dtype).replace("torch.", ""),
             "tokenizer": tokenizer_fingerprint(tokenizer)["sha256"], "n_questions": len(questions),
             "questions": _questions_fingerprint(questions), "chat_template": cfg.chat_template,
             "extractor": cfg.extractor, "samples": cfg.samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
@@ -473,22 +469,72 @@ def _load_inputs(cfg: GenerateConfig):
     return ds, questions, tokenizer, device, resolve_dtype(cfg.dtype, device)
 
 
-def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
-    from first_kd.models import load_model
+def _vllm_settings(cfg: GenerateConfig, dtype: torch.dtype, positions: Optional[int]) -> Optional[dict]:
+    """vllm.LLM's settings for this run (None with the hf engine). Nothing is started."""
+    if cfg.engine != "vllm":
+        return None
+    from first_kd.engines import vllm as vllm_engine
 
+    return vllm_engine.engine_settings(cfg, cfg.teacher, cfg.revision, cfg.trust_remote_code,
+                                       str(dtype).replace("torch.", ""), length_limit(cfg.max_length, positions)[0], 1)
+
+
+@contextlib.contextmanager
+def _open_writer(cfg: GenerateConfig, tokenizer, device, dtype, engine_settings: Optional[dict]):
+    """`write(prompts, budgets, unit) -> [(text, n_tokens, finished)]` with the chosen engine. Each unit's
+    randomness comes from unit_seed(seed, unit) only: hf seeds torch with it, vLLM derives one seed per
+    request from it."""
+    from first_kd.models import generation_config, load_model
+
+    if engine_settings is not None:
+        from first_kd.engines import vllm as vllm_engine
+
+        eos_ids = stop_ids(generation_config(cfg.teacher, cfg.revision), tokenizer)
+        with vllm_engine.started_engine(engine_settings) as llm:
+            yield lambda prompts, budgets, unit: vllm_engine.generate_texts(
+                llm, tokenizer, prompts, eos_ids, budgets, cfg.temperature, cfg.top_p, cfg.chat_template,
+                unit_seed(cfg.seed, unit))
+        return
+    model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code, cfg.device_map)
+    eos_ids = stop_ids(model, tokenizer)  # read before decoding sets the model's generation_config aside
+
+    def write(prompts, budgets, unit):
+        torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
+        with torch.inference_mode():
+            return generate_texts(model, tokenizer, prompts, eos_ids, budgets, cfg.temperature, cfg.top_p,
+                                  cfg.chat_template)
+
+    yield write
+
+
+def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
     meta = _finished_meta(paths)
     ds, questions, tokenizer, device, dtype = _load_inputs(cfg)
     extractor = compile_extractor(cfg.extractor)
-    settings = _settings(cfg, questions, dtype, tokenizer)
+    positions = _teacher_positions(cfg)
+    engine_settings = _vllm_settings(cfg, dtype, positions)
+    engine = None
+    if engine_settings is not None:
+        from first_kd.engines.vllm import engine_record
+
+        engine = engine_record(engine_settings)
+    settings = _settings(cfg, questions, dtype, tokenizer, engine)
     if _already_done(paths, meta, settings, cfg.overwrite):
         return say_done("generate", cfg.out, "rationales")
     n_units = -(-len(questions) // cfg.batch_size)
-    positions = _teacher_positions(cfg)
     budgets, short = plan_budgets(questions, ds, cfg, tokenizer, n_units, positions)
+    with _open_writer(cfg, tokenizer, device, dtype, engine_settings) as write:
+        _write_units(cfg, paths, (ds, questions), settings, (budgets, short, positions), extractor, write)
+    return 0
 
-    model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code)
-    eos_ids = stop_ids(model, tokenizer)  # read before decoding sets the model's generation_config aside
 
+def _write_units(cfg: GenerateConfig, paths: dict[str, Path], inputs, settings: dict, room, extractor,
+                 write) -> None:
+    """Every unit not yet in OUT.partial, appended unit by unit, then OUT finished. room: (per-unit token
+    budgets, rows with less than --max-new-tokens, the teacher's positions) from `plan_budgets`."""
+    ds, questions = inputs
+    budgets, short, positions = room
+    n_units = len(budgets)
     per_question = cfg.samples + (cfg.perturb_samples if cfg.perturb != "none" else 0)
     expected = [[(questions[i].id, s) for i in _unit_questions(u, len(questions), cfg.batch_size)
                  for s in range(per_question)] for u in range(n_units)]  # the (id, sample) lines of each unit
@@ -503,12 +549,10 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
     bar = tqdm(total=len(questions), initial=min(first_unit * cfg.batch_size, len(questions)), unit="q",
                desc=f"generating x{per_question}", dynamic_ncols=True)
     try:
-        with open(paths["partial"], "ab") as f, torch.inference_mode():
+        with open(paths["partial"], "ab") as f:
             for unit in range(first_unit, n_units):
                 rows = _unit_samples(unit, questions, ds, cfg)
-                torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
-                results = generate_texts(model, tokenizer, [r.prompt for r in rows], eos_ids, budgets[unit],
-                                         cfg.temperature, cfg.top_p, cfg.chat_template)
+                results = write([r.prompt for r in rows], budgets[unit], unit)
                 _append(f, _records(rows, results, questions, extractor), unit)
                 crash_point(f"generate:after-unit-write:{unit}")
                 bar.update(len(expected[unit]) // per_question)
@@ -523,7 +567,6 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
               f"there (finished=false when cut)", file=sys.stderr)
     _finish(cfg, paths, settings, {"resumed_units": first_unit, "samples_with_less_room": short,
                                    "started_at": started_at.isoformat(timespec="seconds")}, started)
-    return 0
 
 
 def _finish(cfg: GenerateConfig, paths: dict[str, Path], settings: dict, run: dict, started: float) -> None:

@@ -36,11 +36,16 @@ def summary_text(summary: dict) -> str:
     if summary.get("temperature_pending"):
         temp = "HALF-WRITTEN (an interrupted `first-kd calibrate`: re-run it to finish)"
     teacher = summary.get("teacher") or {}
+    engine = teacher.get("engine") or {"name": "hf"}  # stores from before engines were recorded: hf
+    layout = engine.get("settings") or {}
+    engine_text = engine["name"] + (f" {engine['version']}" if engine.get("version") else "")
+    if layout.get("tensor_parallel_size", 1) * layout.get("pipeline_parallel_size", 1) > 1:
+        engine_text += f", TP {layout['tensor_parallel_size']} x PP {layout['pipeline_parallel_size']}"
     lines = [
         f"store      {summary['path']}",
         f"status     {'complete' if summary['complete'] else 'INCOMPLETE'} "
         f"({summary['units_done']}/{summary['n_units']} units written)",
-        f"teacher    {teacher.get('name')} (dtype {teacher.get('dtype')})",
+        f"teacher    {teacher.get('name')} (dtype {teacher.get('dtype')}, engine {engine_text})",
         f"data       {summary['n_sequences']:,} sequences, {summary['n_tokens']:,} tokens, "
         f"{summary['n_positions']:,} target positions ({(summary.get('data') or {}).get('format')})",
         f"top-k      k={summary['k']}, vocab {summary['vocab_size']:,}",

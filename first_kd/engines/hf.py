@@ -23,16 +23,17 @@ def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head
 
     Runs the transformer body once, then the output head on the N wanted hidden states only, in
     chunks: a [B, S, V] logits tensor is never built, which is why the pass costs no more than a
-    plain forward.
+    plain forward. The top-k is taken on the raw logits and shifted by one logsumexp per row: log-softmax
+    keeps the order, so this equals the top-k of log_softmax without writing an [N, V] log-softmax.
     """
-    picked = last_hidden_states(model, input_ids, attention_mask)[rows, cols]
+    hidden = last_hidden_states(model, input_ids, attention_mask)
+    picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # device_map=auto: the last layer's device
     out_ids, out_lp = [], []
     for lo in range(0, picked.shape[0], head_chunk):
         logits = head_logits(model, picked[lo: lo + head_chunk])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        values, ids = torch.topk(logprobs, k, dim=-1)
+        values, ids = torch.topk(logits, k, dim=-1)
         out_ids.append(ids)
-        out_lp.append(values)
+        out_lp.append(values - torch.logsumexp(logits, dim=-1, keepdim=True))
     return torch.cat(out_ids), torch.cat(out_lp)
 
 
