@@ -28,8 +28,12 @@ RETIRED_PREFIX = ".retired-"
 
 def crash_point(name: str) -> None:
     """Testing hook: FIRST_KD_CRASH_AT=name makes the process SIGKILL itself here, so tests can kill a
-    command at exact points (after planning, between a unit's rows and its done-marker, ...)."""
+    command at exact points (after planning, between a unit's rows and its done-marker, ...). A process
+    that leads its own process group (started with start_new_session) kills the whole group, as `kill -9`
+    of a job does: the vLLM engine's processes die with it."""
     if os.environ.get("FIRST_KD_CRASH_AT") == name:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -14,5 +14,7 @@ A unit's rows must depend on the unit only (never on the process count or on wha
 a resumed or multi-process pass is array-equal to a single one.
 
 Engines:
-  * first_kd.engines.hf: a transformers causal LM (the default).
+  * first_kd.engines.hf: a transformers causal LM (the default), on one device or spread with device_map="auto".
+  * first_kd.engines.vllm: vLLM (tensor / pipeline parallel, several nodes); it also samples rationales.
+Options shared by the commands that pick an engine: first_kd.engines.options.EngineOptions.
 """
