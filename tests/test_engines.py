@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,24 @@ def test_hf_topk_equals_log_softmax_topk(tiny_tokenizer, tmp_path, k):
     want_lp, want_ids = torch.topk(oracle, k, dim=-1)
     assert torch.equal(got_ids, want_ids)
     assert torch.allclose(got_lp.double(), want_lp, atol=1e-5)
+
+
+def test_device_map_auto_gives_the_same_store(tiny_tokenizer, tmp_path):
+    # On this CPU machine accelerate places every layer on the CPU: the same arithmetic, so the same arrays;
+    # what it exercises is the loading path and inputs following the model's own device.
+    import zarr
+
+    from first_kd.cli import main
+    from helpers import build_peaked_model, pr_records, write_jsonl
+
+    teacher = str(build_peaked_model(tmp_path / "t", tiny_tokenizer))
+    data = write_jsonl(tmp_path / "pr.jsonl", pr_records(12))
+    stores = {}
+    for name, extra in (("one", []), ("auto", ["--device-map", "auto"])):
+        out = tmp_path / f"{name}.zarr"
+        assert main(["cache", "--teacher", teacher, "--data", str(data), "--out", str(out), *extra]) == 0
+        group = zarr.open_group(str(out), mode="r")
+        stores[name] = (group["topk_ids"][:], group["topk_logprobs"][:])
+        assert dict(group.attrs)["teacher"]["engine"]["device_map"] == ("auto" if extra else "none")
+    assert np.array_equal(stores["one"][0], stores["auto"][0])
+    assert np.allclose(stores["one"][1], stores["auto"][1], atol=1e-3)

@@ -42,18 +42,20 @@ def world(tmp_path_factory, tiny_tokenizer):
     data, and the hf stores to compare with."""
     root = tmp_path_factory.mktemp("vllm")
     model = build_peaked_model(root / "teacher", tiny_tokenizer, scale=8.0, num_heads=2)
-    data = {"mcqa": write_jsonl(root / "mcqa.jsonl", mcqa_records(48)),
-            "pr": write_jsonl(root / "pr.jsonl", pr_records(48))}
-    for name, path in data.items():
-        result = run_cli(["cache", "--teacher", str(model), "--data", str(path), "--out", str(root / f"{name}-hf.zarr"),
-                          "--chunk-positions", "64"])
+    pr = write_jsonl(root / "pr.jsonl", pr_records(48))
+    # "full": sequences cut at --max-length 12, so most fill the engine's whole length.
+    data = {"mcqa": (write_jsonl(root / "mcqa.jsonl", mcqa_records(48)), []), "pr": (pr, []),
+            "full": (pr, ["--max-length", "12"])}
+    for name in data:
+        result = run_cli(cache_args({"model": str(model), "data": data}, name, root / f"{name}-hf.zarr")[:-3])
         assert result.returncode == 0, result.stderr
     return {"root": root, "model": str(model), "data": data}
 
 
 def cache_args(world, name: str, out) -> list[str]:
-    return ["cache", "--teacher", world["model"], "--data", str(world["data"][name]), "--out", str(out),
-            "--chunk-positions", "64", *ENGINE]
+    path, extra = world["data"][name]
+    return ["cache", "--teacher", world["model"], "--data", str(path), "--out", str(out), "--chunk-positions", "64",
+            *extra, *ENGINE]
 
 
 def arrays(path) -> dict:
@@ -61,9 +63,10 @@ def arrays(path) -> dict:
     return {name: group[name][:] for name in ("topk_ids", "topk_logprobs", "input_ids", "units_done")}
 
 
-@pytest.mark.parametrize("name", ["mcqa", "pr"])
+@pytest.mark.parametrize("name", ["mcqa", "pr", "full"])
 def test_vllm_store_matches_hf_and_feeds_the_other_commands(world, name):
-    # mcqa: one target per sequence (the one-generated-step route); pr: many (prompt_logprobs).
+    # mcqa: one target per sequence (logprobs of one generated step); pr: many (prompt_logprobs too);
+    # full: sequences as long as the engine holds.
     out = world["root"] / f"{name}-vllm.zarr"
     result = run_cli(cache_args(world, name, out), env=IN_PROCESS)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -79,6 +82,9 @@ def test_vllm_store_matches_hf_and_feeds_the_other_commands(world, name):
     engine = dict(zarr.open_group(str(out), mode="r").attrs)["teacher"]["engine"]
     assert engine["name"] == "vllm" and engine["version"] == vllm.__version__
     assert engine["settings"]["dtype"] == "float32" and engine["settings"]["logprobs_mode"] == "raw_logprobs"
+    if name == "full":
+        lengths = np.diff(zarr.open_group(str(out), mode="r")["seq_offsets"][:])
+        assert engine["settings"]["max_model_len"] == 12 and (lengths == 12).sum() > 10
     shown = run_cli(["inspect", str(out)])
     assert shown.returncode == 0 and f"engine vllm {vllm.__version__}" in shown.stdout
     trained = run_cli(["distill", "--student", world["model"], "--store", str(out), "--loss", "kd", "--out",
@@ -127,7 +133,7 @@ def test_vllm_pass_killed_with_its_engine_resumes_array_equal(world):
 
 
 def generate_args(world, out) -> list[str]:
-    return ["generate", "--teacher", world["model"], "--data", str(world["data"]["mcqa"]), "--out", str(out),
+    return ["generate", "--teacher", world["model"], "--data", str(world["data"]["mcqa"][0]), "--out", str(out),
             "--samples", "2", "--temperature", "0.9", "--top-p", "0.95", "--max-new-tokens", "12",
             "--perturb", "shuffle-options", "--batch-size", "16", "--seed", "3", *ENGINE]
 

@@ -200,9 +200,10 @@ def _engine(cfg: CacheConfig, dtype) -> tuple[dict, Optional[dict]]:
         return {"name": "hf", "transformers": transformers.__version__, "device_map": cfg.device_map}, None
     from first_kd.engines import vllm as vllm_engine
 
-    # A sequence is at most --max-length tokens; the engine generates one step after it.
+    # A sequence is at most --max-length tokens; the engine reads it up to its last target (one token
+    # short of the end) plus one generated step.
     positions = model_positions(load_config(cfg.teacher, cfg.revision, cfg.trust_remote_code))
-    max_len = cfg.max_length + 1 if positions is None else min(cfg.max_length + 1, positions)
+    max_len = cfg.max_length if positions is None else min(cfg.max_length, positions)
     settings = vllm_engine.engine_settings(cfg, cfg.teacher, cfg.revision, cfg.trust_remote_code,
                                            str(dtype).replace("torch.", ""), max_len, cfg.k)
     return vllm_engine.engine_record(settings), settings

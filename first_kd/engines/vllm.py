@@ -4,10 +4,11 @@ for the top-k pass (see first_kd.engines for the contract) and for sampling rati
 What vLLM 0.32 offers, and why this module asks for what it asks (docs/design/vllm-engine-findings.md):
   * Its log-probs are the full-vocabulary log-softmax of the raw logits in fp32 (`logprobs_mode=
     "raw_logprobs"`, set explicitly), before any temperature or penalty: what the store keeps.
-  * A sequence with one target (multiple choice) is fed without its answer token, `max_tokens=1,
-    logprobs=k`: vLLM applies the output head at that one position. `prompt_logprobs` would apply it and
-    the log-softmax at every prompt position (8-16x the cost here); it is used only for sequences with
-    several targets, cut after their last target's token.
+  * A sequence is fed up to its last target position, for one generated step with `logprobs=k`: the
+    step's distribution is the last target's. A sequence with one target (multiple choice) needs nothing
+    more, so vLLM applies the output head at that one position; `prompt_logprobs` would apply it and the
+    log-softmax at every prompt position (8-16x the cost here), and is asked only for sequences with
+    several targets.
   * Each returned entry holds the top-k plus the actual / sampled token (first in the dict) when it lies
     outside them; rows are taken by rank, never by dict position.
   * Sampling is reproducible only with a seed per request; seeded requests crash the CPU engine when a
@@ -157,9 +158,11 @@ def unit_topk(llm, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarr
               on_batch: Optional[Callable[[int, int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k rows of one unit (same contract as first_kd.engines.hf.unit_topk).
 
-    Sequences with one target position t are run as ids[:t + 1] for one generated step (`logprobs=k` reads
-    the distribution at t); those with several as ids[:last + 2] with `prompt_logprobs=k`, whose entry
-    t + 1 is the distribution at t. One engine call per route per unit: the engine batches within it."""
+    Each sequence runs as ids[:last + 1] (last = its last target position) for one generated step: that
+    step's `logprobs=k` is the distribution at `last`; a sequence with more targets also asks for
+    `prompt_logprobs=k`, whose entry t + 1 is the distribution at t. So a multiple-choice sequence costs
+    its forward and one output-head row, and no prompt ever fills the engine's whole length (vLLM refuses
+    a prompt that leaves no room for the generated step). One engine call per unit."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -167,25 +170,18 @@ def unit_topk(llm, sequences: Sequence[np.ndarray], positions: Sequence[np.ndarr
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     unit_ids = np.zeros((int(starts[-1]), k), dtype=np.int64)
     unit_lp = np.zeros((int(starts[-1]), k), dtype=np.float32)
-    single = [i for i in range(len(sequences)) if counts[i] == 1]
-    several = [i for i in range(len(sequences)) if counts[i] > 1]
-    common = dict(max_tokens=1, temperature=0.0, detokenize=False)
-    if single:
-        prompts = [TokensPrompt(prompt_token_ids=sequences[i][: int(positions[i][0]) + 1].tolist()) for i in single]
-        outs = llm.generate(prompts, SamplingParams(logprobs=k, **common), use_tqdm=False)
-        for i, out in zip(single, outs):
-            unit_ids[starts[i]], unit_lp[starts[i]] = entry_topk(out.outputs[0].logprobs[0], k)
-        if on_batch is not None:
-            on_batch(len(single), sum(len(p["prompt_token_ids"]) for p in prompts))
-    if several:
-        prompts = [TokensPrompt(prompt_token_ids=sequences[i][: int(max(positions[i])) + 2].tolist())
-                   for i in several]
-        outs = llm.generate(prompts, SamplingParams(prompt_logprobs=k, flat_logprobs=True, **common), use_tqdm=False)
-        for i, out in zip(several, outs):
-            for row, t in enumerate(positions[i]):
-                unit_ids[starts[i] + row], unit_lp[starts[i] + row] = entry_topk(out.prompt_logprobs[int(t) + 1], k)
-        if on_batch is not None:
-            on_batch(int(counts[several].sum()), sum(len(p["prompt_token_ids"]) for p in prompts))
+    lasts = [int(max(p)) for p in positions]
+    prompts = [TokensPrompt(prompt_token_ids=seq[: last + 1].tolist()) for seq, last in zip(sequences, lasts)]
+    single = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprobs=k)
+    several = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprobs=k, prompt_logprobs=k,
+                             flat_logprobs=True)
+    outs = llm.generate(prompts, [single if n == 1 else several for n in counts], use_tqdm=False)
+    for i, out in enumerate(outs):
+        for row, t in enumerate(map(int, positions[i])):
+            entry = out.outputs[0].logprobs[0] if t == lasts[i] else out.prompt_logprobs[t + 1]
+            unit_ids[starts[i] + row], unit_lp[starts[i] + row] = entry_topk(entry, k)
+    if on_batch is not None:
+        on_batch(int(counts.sum()), sum(len(p["prompt_token_ids"]) for p in prompts))
     return unit_ids, unit_lp
 
 
