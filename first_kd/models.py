@@ -48,12 +48,21 @@ def load_tokenizer(name_or_path: str, revision=None, trust_remote_code=False):
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, device, revision=None, trust_remote_code=False,
-               device_map: str = "none"):
+               device_map: str = "none", quantization=None):
     """A causal LM in eval mode on `device`; with device_map="auto", spread by accelerate over every visible
-    GPU, then CPU memory, for a model larger than one device (`device` is then unused)."""
+    GPU, then CPU memory, for a model larger than one device (`device` is then unused). A LoRA adapter
+    directory (first_kd.adapters) loads as its base with the adapters merged in. `quantization`: a
+    transformers quantization config (QLoRA's 4-bit base), placed on `device` by transformers."""
     from transformers import AutoModelForCausalLM
 
+    from first_kd.adapters import adapter_base, is_adapter_dir, load_adapter
+
+    if is_adapter_dir(name_or_path):
+        base = load_model(adapter_base(name_or_path), dtype, device, revision, trust_remote_code, device_map)
+        return load_adapter(base, name_or_path).eval()
     placement = {} if device_map == "none" else {"device_map": device_map}
+    if quantization is not None:
+        placement = {"quantization_config": quantization, "device_map": {"": torch.device(device).index or 0}}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, revision=revision, dtype=dtype,
                                                      trust_remote_code=trust_remote_code, **placement)
@@ -107,7 +116,10 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def transformer_body(model):
-    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...)."""
+    """The transformer body of a causal LM (LlamaModel inside LlamaForCausalLM, ...); a LoRA student
+    (peft's PeftModel) is unwrapped first, its adapters live inside the body's layers."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     body = getattr(model, "base_model", None)
     if body is None or body is model:
         raise FirstKDError(f"{type(model).__name__} exposes no transformer body (base_model): use a causal LM "
