@@ -398,14 +398,25 @@ def resume_hint(path) -> str:
 
 
 class _ChunkedReader:
-    """Random access to a zarr array with the decoded chunks kept in a small LRU cache."""
+    """Random access to a zarr array with the decoded chunks kept in a small LRU cache. `decodes` counts
+    the chunks decoded so far (what a read order costs: first_kd.loader keeps it near one per chunk)."""
 
     def __init__(self, array, max_chunks: int = 16):
         self.array = array
         self.chunk = array.chunks[0]
+        self.max_chunks = max_chunks
+        self.decodes = 0
         self._get = lru_cache(maxsize=max_chunks)(self._load)
 
+    def __getstate__(self) -> dict:
+        # The cache is per process: a DataLoader worker started by `spawn` (macOS, Windows) gets a fresh one.
+        return {"array": self.array, "max_chunks": self.max_chunks}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["array"], state["max_chunks"])
+
     def _load(self, c: int) -> np.ndarray:
+        self.decodes += 1
         return self.array[c * self.chunk: (c + 1) * self.chunk]
 
     def __getitem__(self, sl: slice) -> np.ndarray:
@@ -419,6 +430,9 @@ class _ChunkedReader:
         return data[lo - off: hi - off]
 
 
+READ_ARRAYS = ("input_ids", "target_positions", "topk_ids", "topk_logprobs")  # what reading a sequence decodes
+
+
 class TopKStore:
     """Read-only view of a complete store. `store[i]` is sequence i (see `get`)."""
 
@@ -430,8 +444,7 @@ class TopKStore:
         self.vocab_size = int(self.attrs["vocab_size"])
         self._seq_offsets = group["seq_offsets"][:]
         self._pos_offsets = group["pos_offsets"][:]
-        self._readers = {name: _ChunkedReader(group[name]) for name in
-                         ("input_ids", "target_positions", "topk_ids", "topk_logprobs")}
+        self._readers = {name: _ChunkedReader(group[name]) for name in READ_ARRAYS}
         self._ids = None
         self._mcqa = {name: group[name][:] for name in ("answer_index", "n_choices") if name in group}
 
@@ -461,35 +474,71 @@ class TopKStore:
             self._ids = self.group["example_ids"][:]
         return str(self._ids[i])
 
-    def get(self, i: int, temperature: bool = True, other_bucket: bool = False) -> dict:
-        """Sequence i: input_ids [L], target_positions [n], topk_ids [n, k], topk_logprobs [n, k] and
-        teacher_probs [n, k] (or [n, k+1] with other_bucket) after the recorded temperature."""
-        import torch
-
-        from first_kd.temperature import distribution_from_record
-
+    def read(self, i: int) -> dict:
+        """Sequence i as stored, with no distribution computed: input_ids [L], target_positions [n],
+        topk_ids [n, k] int64, topk_logprobs [n, k] float32 (temperature 1), and answer_index / n_choices
+        for multiple-choice data. The training loader reads this and computes the teacher distribution
+        once per batch (first_kd.training.TeacherTargets)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
         t0, t1 = int(self._seq_offsets[i]), int(self._seq_offsets[i + 1])
         p0, p1 = int(self._pos_offsets[i]), int(self._pos_offsets[i + 1])
         try:
-            logprobs = self._readers["topk_logprobs"][slice(p0, p1)].astype(np.float32)
             record = {
-                "id": self.example_id(i),
                 "input_ids": self._readers["input_ids"][slice(t0, t1)].astype(np.int64),
                 "target_positions": self._readers["target_positions"][slice(p0, p1)].astype(np.int64),
                 "topk_ids": self._readers["topk_ids"][slice(p0, p1)].astype(np.int64),
-                "topk_logprobs": logprobs,
+                "topk_logprobs": self._readers["topk_logprobs"][slice(p0, p1)].astype(np.float32),
             }
         except Exception as e:  # a torn chunk fails its checksum here
             raise FirstKDError(f"store {self.path} is damaged ({type(e).__name__}: {e}); run `first-kd inspect "
                                f"{self.path}` and re-create it with `first-kd cache ... --overwrite`") from None
-        record["teacher_probs"] = distribution_from_record(
-            torch.from_numpy(logprobs), self.temperature if temperature else None, other_bucket
-        ).numpy()
         for name, values in self._mcqa.items():
             record[name] = int(values[i])
         return record
+
+    def get(self, i: int, temperature: bool = True, other_bucket: bool = False) -> dict:
+        """Sequence i (`read`) with its id and teacher_probs [n, k] (or [n, k+1] with other_bucket) after
+        the recorded temperature."""
+        import torch
+
+        from first_kd.temperature import distribution_from_record
+
+        stored = self.read(i)  # checks i first
+        record = {"id": self.example_id(i), **stored}
+        record["teacher_probs"] = distribution_from_record(
+            torch.from_numpy(record["topk_logprobs"]), self.temperature if temperature else None, other_bucket
+        ).numpy()
+        return record
+
+    def sequence_lengths(self) -> np.ndarray:
+        """Tokens of every sequence: int64 [n_sequences]."""
+        return np.diff(self._seq_offsets)
+
+    def read_blocks(self) -> np.ndarray:
+        """The read block of every sequence: int64 [n_sequences], nondecreasing. Sequences of one block
+        start in the same chunk of every array `read` decodes, so reading a block decodes about one chunk
+        per array; an order that keeps to a few blocks at a time (first_kd.loader) reads each chunk once."""
+        n = len(self)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        starts = {"input_ids": self._seq_offsets[:-1], "target_positions": self._pos_offsets[:-1],
+                  "topk_ids": self._pos_offsets[:-1], "topk_logprobs": self._pos_offsets[:-1]}
+        change = np.zeros(n, dtype=bool)
+        change[0] = True
+        for name, first in starts.items():
+            chunk = first // self._readers[name].chunk
+            change[1:] |= chunk[1:] != chunk[:-1]
+        return np.cumsum(change) - 1
+
+    def set_chunk_cache(self, max_chunks: int) -> None:
+        """Keep up to `max_chunks` decoded chunks per array (16 by default); drops the chunks cached now."""
+        self._readers = {name: _ChunkedReader(self.group[name], max_chunks) for name in READ_ARRAYS}
+
+    @property
+    def chunk_decodes(self) -> int:
+        """Chunks decoded by this process's reads so far, all arrays together."""
+        return sum(reader.decodes for reader in self._readers.values())
 
     __getitem__ = get
 

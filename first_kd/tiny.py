@@ -137,3 +137,54 @@ def build_llama(
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def synthetic_store(path: str | Path, n_sequences: int, targets_per_sequence: int = 128, prompt_tokens: int = 32,
+                    k: int = 5, vocab_size: int = 512, chunk_positions: int = 16384, seed: int = 0,
+                    varied: bool = False, tokenizer=None) -> Path:
+    """A complete top-k store of random tokens and random (sorted, valid) top-k rows, written unit by unit
+    with first_kd.store's own writer (create_store, write_unit, mark_complete), no teacher. Memory stays
+    near the token ids as one Arrow column, so stores of millions of positions fit a laptop.
+
+    Sequence i has `prompt_tokens` prompt tokens and `targets_per_sequence` targets, or with `varied` a
+    number drawn from 1 .. 2 * targets_per_sequence - 1. With a `tokenizer` the store carries its
+    fingerprint (a student of that tokenizer can train on it) and its vocabulary size.
+    """
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    from first_kd import store as topk_store
+
+    rng = np.random.default_rng([seed, 0])
+    n_targets = (rng.integers(1, 2 * targets_per_sequence, n_sequences) if varied
+                 else np.full(n_sequences, targets_per_sequence)).astype(np.int64)
+    lengths = prompt_tokens + n_targets + 1  # the last target token is predicted, never read
+    fingerprint = (topk_store.tokenizer_fingerprint(tokenizer) if tokenizer is not None else
+                   {"sha256": "0" * 64, "size": vocab_size, "special_token_ids": {}, "class": "Synthetic"})
+    vocab_size = fingerprint["size"]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = rng.integers(0, vocab_size, int(offsets[-1]), dtype=np.int32)
+    table = pa.table({
+        "id": pa.array([f"s{i}" for i in range(n_sequences)]),
+        "input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
+        "target_start": pa.array(lengths - n_targets),
+        "answer_index": pa.array(np.full(n_sequences, -1, dtype=np.int64)),
+        "n_choices": pa.array(np.zeros(n_sequences, dtype=np.int64)),
+    })
+    del tokens
+    plan = topk_store.Plan(n_sequences, int(offsets[-1]), int(n_targets.sum()), k, chunk_positions)
+    attrs = {"tokenizer": fingerprint, "data": {"format": "prompt-response", "source": "synthetic"},
+             "max_length": int(lengths.max()), "teacher": {"name": "synthetic"}}
+    group = topk_store.create_store(Path(path), datasets.Dataset(datasets.table.InMemoryTable(table)), plan, attrs,
+                                    vocab_size)
+    del table
+    for unit in range(plan.n_units):
+        lo, hi = topk_store.unit_rows(group, unit)
+        unit_rng = np.random.default_rng([seed, 1, unit])
+        ids = (unit_rng.integers(0, vocab_size, (hi - lo, 1)) + np.arange(k)) % vocab_size  # k distinct ids a row
+        probs = -np.sort(-unit_rng.random((hi - lo, k)), axis=1)
+        probs *= unit_rng.uniform(0.5, 1.0, (hi - lo, 1)) / probs.sum(axis=1, keepdims=True)  # top-k mass < 1
+        topk_store.write_unit(group, unit, ids, np.log(probs))
+    topk_store.mark_complete(group, {"max_token_id": vocab_size - 1})
+    return Path(path)
