@@ -52,8 +52,12 @@ def length_batches(lengths: np.ndarray, batch_size: int):
         yield order[lo: lo + batch_size]
 
 
-def collate(examples: list[dict], pad_id: int, use_teacher: bool) -> dict:
+def collate(examples: list[dict], pad_id: int, use_teacher: bool, teacher=None) -> dict:
     """Right-pad a list of training examples (first_kd.training) into one batch.
+
+    `teacher`, when given, turns the examples' cached top-k log-probs, all rows of the batch at once
+    ([N, k] float32), into the teacher distribution (first_kd.training.TeacherTargets); without it the
+    examples carry their own teacher_probs.
 
     Returns tensors:
         input_ids [B, S] long, attention_mask [B, S] long,
@@ -87,6 +91,10 @@ def collate(examples: list[dict], pad_id: int, use_teacher: bool) -> dict:
     }
     if use_teacher:
         batch["teacher_ids"] = torch.cat([torch.as_tensor(e["topk_ids"], dtype=torch.long) for e in examples])
-        batch["teacher_probs"] = torch.cat([torch.as_tensor(e["teacher_probs"], dtype=torch.float32)
-                                            for e in examples])
+        if teacher is not None:
+            batch["teacher_probs"] = teacher(torch.cat([torch.as_tensor(e["topk_logprobs"], dtype=torch.float32)
+                                                        for e in examples]))
+        else:
+            batch["teacher_probs"] = torch.cat([torch.as_tensor(e["teacher_probs"], dtype=torch.float32)
+                                                for e in examples])
     return batch
