@@ -12,12 +12,16 @@ What is measured (same student, same batch, every position a target):
              head is evaluated at the 5 teacher ids only.
   * dense:   the same with ``other_bucket=True, alpha=0.1, label_smoothing=0.1``: the loss needs the full
              vocabulary, so this is the chunked [chunk, V] path (the worst case for the chunked head).
+  * first_lora: the `first` step on the same student with LoRA adapters (rank 16, every linear layer but
+             the head; first_kd.adapters as `distill --lora-r 16`): only the adapters train.
   * online:  the `first` step preceded by the teacher's forward (Llama, 4 layers, hidden 512, same vocab,
              under inference_mode) and its top-5, i.e. distillation without the cache.
 Config: student Llama 2 layers, hidden 256, vocab 32000; batch 4 x seq 512; fp32; AdamW.
 
 Keys: time_ratio = first / hf_ce step time, memory_ratio = first / hf_ce peak step memory,
-offline_speedup = online / first step time; *_dense the same for the dense variant; absolute
+offline_speedup = online / first step time; *_dense the same for the dense variant; lora_time_ratio,
+lora_memory_ratio = first_lora / first step time and transient memory, lora_state_ratio = first_lora /
+first memory held between steps (weights + AdamW moments, counted from the tensors); absolute
 seconds (every round's too), MB and tokens/s per variant, the config, device and torch version.
 
 Timing: one process runs all four variants on the same model, interleaved round by round (2 warmup
@@ -57,10 +61,10 @@ import time
 from pathlib import Path
 
 FULL = dict(batch=4, seq=512, vocab=32000, hidden=256, layers=2, teacher_hidden=512, teacher_layers=4,
-            top_k=5, chunk_size=1024, warmup=2, steps=7)
+            top_k=5, chunk_size=1024, warmup=2, steps=7, lora_r=16)
 QUICK = dict(batch=2, seq=64, vocab=2000, hidden=64, layers=2, teacher_hidden=128, teacher_layers=2,
-             top_k=5, chunk_size=64, warmup=1, steps=2)
-VARIANTS = ("hf_ce", "first", "dense", "online")
+             top_k=5, chunk_size=64, warmup=1, steps=2, lora_r=8)
+VARIANTS = ("hf_ce", "first", "dense", "first_lora", "online")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loss.json"
 
 
@@ -98,6 +102,13 @@ class _Bench:
         self.cfg, self.shape = cfg, (B, T, V, K)
         self.model = _llama(V, cfg["hidden"], cfg["layers"], seed=0).to(self.dev).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        # The same student with LoRA adapters on every linear layer but the head (first_kd.adapters, as
+        # `distill --lora-r`); only the adapters train.
+        from first_kd.adapters import LoraOptions, add_lora
+
+        lora = add_lora(_llama(V, cfg["hidden"], cfg["layers"], seed=0), LoraOptions(lora_r=cfg["lora_r"]), "bench")
+        self.lora = lora.to(self.dev).train()
+        self.lora_opt = torch.optim.AdamW([p for p in self.lora.parameters() if p.requires_grad], lr=1e-4)
         gen = torch.Generator().manual_seed(1)
         self.input_ids = torch.randint(0, V, (B, T), generator=gen).to(self.dev)
         self.targets = self.input_ids.reshape(-1)  # every position a target (the CE term of `dense`)
@@ -121,7 +132,9 @@ class _Bench:
         from first_kd.losses import chunked_distillation_loss
         from first_kd.temperature import teacher_distribution
 
-        model, B, T = self.model, self.shape[0], self.shape[1]
+        model, opt, B, T = self.model, self.opt, self.shape[0], self.shape[1]
+        if variant == "first_lora":
+            model, opt, variant = self.lora.get_base_model(), self.lora_opt, "first"
         if variant == "hf_ce":
             loss = model(input_ids=self.input_ids, labels=self.input_ids).loss
         else:
@@ -134,8 +147,16 @@ class _Bench:
                 alpha=0.1 if dense else 0.0, other_bucket=dense, label_smoothing=0.1 if dense else 0.0,
                 chunk_size=self.cfg["chunk_size"])
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def state_mb(self, variant: str) -> float:
+        """Memory the run holds between steps: weights, plus AdamW's two moments of what trains."""
+        model, opt = (self.lora, self.lora_opt) if variant == "first_lora" else (self.model, self.opt)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        moments = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if hasattr(t, "numel") and t.dim() > 0)
+        return (weights + moments) / 2**20
 
     def sync(self) -> None:
         if self.dev.type == "cuda":
@@ -181,7 +202,7 @@ def memory_worker(variant: str, cfg: dict, device: str) -> dict:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = _rss_mb()["VmHWM"] - base
-    return {"variant": variant, "peak_mb": peak_mb}
+    return {"variant": variant, "peak_mb": peak_mb, "state_mb": bench.state_mb(variant)}
 
 
 def run_memory(variant: str, cfg: dict, device: str) -> dict:
@@ -199,7 +220,7 @@ def _round_ratio(res: dict, num: str, den: str) -> float:
 
 
 def summarise(res: dict, cfg: dict) -> dict:
-    hf, first, dense, online = (res[v] for v in VARIANTS)
+    hf, first, dense, lora, online = (res[v] for v in VARIANTS)
     for r in res.values():
         r["tokens_per_s"] = cfg["batch"] * cfg["seq"] / r["step_s"]
     return {
@@ -208,6 +229,12 @@ def summarise(res: dict, cfg: dict) -> dict:
         "offline_speedup": _round_ratio(res, "online", "first"),
         "time_ratio_dense": _round_ratio(res, "dense", "hf_ce"),
         "memory_ratio_dense": dense["peak_mb"] / hf["peak_mb"],
+        # LoRA vs full fine-tuning, both the `first` step: step time, transient step memory, and the memory
+        # held between steps (weights + AdamW state), where LoRA's saving is.
+        "lora_time_ratio": _round_ratio(res, "first_lora", "first"),
+        "lora_memory_ratio": lora["peak_mb"] / first["peak_mb"],
+        "lora_state_ratio": lora["state_mb"] / first["state_mb"],
+        "state_mb": {v: round(res[v]["state_mb"], 1) for v in VARIANTS if v != "online"},
         "time_ratio_of_medians": first["step_s"] / hf["step_s"],
         "step_s": {v: round(res[v]["step_s"], 4) for v in VARIANTS},
         "step_times_s": {v: [round(t, 4) for t in res[v]["step_times_s"]] for v in VARIANTS},
@@ -246,7 +273,8 @@ def main(argv=None) -> int:
             per_device[device] = summarise(res, cfg)
     result = dict(per_device["cpu"])  # the headline figures are CPU's
     result["rounded"] = {k: round(result[k], 3) for k in
-                         ("time_ratio", "memory_ratio", "offline_speedup", "time_ratio_dense", "memory_ratio_dense")}
+                         ("time_ratio", "memory_ratio", "offline_speedup", "time_ratio_dense", "memory_ratio_dense",
+                          "lora_time_ratio", "lora_memory_ratio", "lora_state_ratio")}
     if "cuda" in per_device:
         result["cuda"] = per_device["cuda"]
         result["cuda_device"] = torch.cuda.get_device_name(0)

@@ -12,7 +12,7 @@ from first_kd.batching import length_batches, pad_right
 from first_kd.models import head_logits, last_hidden_states
 
 
-def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head_chunk: int = 4096):
+def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head_chunk: int = 1024):
     """Top-k of the full-vocabulary log-softmax at selected positions only.
 
     Args:
@@ -21,19 +21,21 @@ def topk_at_positions(model, input_ids, attention_mask, rows, cols, k: int, head
     Returns:
         (ids [N, k] int64, logprobs [N, k] float32), ids by decreasing probability.
 
-    Runs the transformer body once, then the output head on the N wanted hidden states only, in
-    chunks: a [B, S, V] logits tensor is never built, which is why the pass costs no more than a
-    plain forward. The top-k is taken on the raw logits and shifted by one logsumexp per row: log-softmax
-    keeps the order, so this equals the top-k of log_softmax without writing an [N, V] log-softmax.
+    Runs the transformer body once, then the output head on the N wanted hidden states only, in chunks
+    of `head_chunk` rows: a [B, S, V] logits tensor is never built. Log-softmax keeps the order, so the
+    top-k is taken on the raw logits and shifted by each row's logsumexp, computed in place in the
+    chunk's logits (whose max is the top-1 just found): no [N, V] log-softmax is ever written.
     """
     hidden = last_hidden_states(model, input_ids, attention_mask)
     picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # device_map=auto: the last layer's device
     out_ids, out_lp = [], []
     for lo in range(0, picked.shape[0], head_chunk):
-        logits = head_logits(model, picked[lo: lo + head_chunk])
+        logits = head_logits(model, picked[lo: lo + head_chunk])  # [n, V] fp32, a fresh tensor we may overwrite
         values, ids = torch.topk(logits, k, dim=-1)
+        top = values[:, :1]
+        lse = top + logits.sub_(top).exp_().sum(dim=-1, keepdim=True).log()
         out_ids.append(ids)
-        out_lp.append(values - torch.logsumexp(logits, dim=-1, keepdim=True))
+        out_lp.append(values - lse)
     return torch.cat(out_ids), torch.cat(out_lp)
 
 

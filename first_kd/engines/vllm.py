@@ -13,7 +13,9 @@ What vLLM 0.32 offers, and why this module asks for what it asks (docs/design/vl
     outside them; rows are taken by rank, never by dict position.
   * Sampling is reproducible only with a seed per request; seeded requests crash the CPU engine when a
     prompt is split over steps, so chunked prefill is off (then a step must hold a whole sequence).
-  * vLLM logs to stdout by default: it is sent to stderr here, so command output stays clean.
+  * vLLM logs to stdout by default: it is sent to stderr here, so command output stays clean, and at
+    level ERROR (its warnings about the tokenizer it is not asked to load are noise here); set
+    VLLM_LOGGING_LEVEL=INFO to watch a big teacher load.
 Ids go in as token ids (the store's own `input_ids`); the engine never tokenizes nor detokenizes.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 from first_kd.errors import FirstKDError
 
 # Environment read by vLLM when it starts (and inherited by its engine processes).
-_ENV = {"VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_NO_USAGE_STATS": "1",
+_ENV = {"VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "ERROR", "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Settings recorded with the output: they decide the numbers (dtype and parallel layout change the
 # arithmetic), or how the engine was run.
