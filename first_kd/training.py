@@ -3,11 +3,10 @@
 `first-kd distill` (first_kd/commands/distill.py) is the loop that puts these together; each piece here
 does one job and knows nothing of options, run directories or processes:
 
-    examples      StoreExamples (a teacher store, the teacher distribution after a temperature record),
-                  DataExamples (tokenized records from first_kd.data), Prefix (the first n of either);
-                  batched by first_kd.batching.collate
-    data order    epoch_permutation: a pure function of (seed, epoch), so a resumed run finds its place
-                  from the step number alone
+    examples      StoreExamples (a teacher store as read, with the teacher distribution to compute per
+                  batch: TeacherTargets), DataExamples (tokenized records from first_kd.data), Prefix (the
+                  first n of either); batched by first_kd.batching.collate, read in training order by
+                  first_kd.loader
     the model     target_hidden (hidden states at the target positions only, never [B, S, V] logits),
                   TargetPositionLoss (student + chunked loss as one module), param_groups (AdamW decay)
     validation    validate: held-out loss, accuracy and calibration
@@ -15,7 +14,8 @@ does one job and knows nothing of options, run directories or processes:
                   written to a temp dir and renamed so only complete ones count; save_final_model
 
 An example is one dict per sequence: input_ids int64 [L], target_positions int64 [n] (logits at t predict
-input_ids[t+1]), for store examples topk_ids int64 [n, k] + teacher_probs float32 [n, k or k+1], and
+input_ids[t+1]), for store examples topk_ids int64 [n, k] + topk_logprobs float32 [n, k] as cached (the
+collection's `targets` turns a batch's log-probs into teacher_probs [N, k or k+1] in one call), and
 answer_index / n_choices for multiple-choice data (-1 / 0 otherwise).
 """
 
@@ -67,7 +67,9 @@ class TeacherTargets:
 
 
 class StoreExamples:
-    """A teacher store as training examples, each with the teacher distribution given by `targets`."""
+    """A teacher store as training examples. An example holds the cached top-k log-probs; `targets` makes
+    them the teacher distribution, once per batch (first_kd.batching.collate), not once per example: a
+    softmax over a handful of rows costs its call overhead, times the examples of a run."""
 
     def __init__(self, store, targets: TeacherTargets):
         self.store = store
@@ -77,20 +79,33 @@ class StoreExamples:
         return len(self.store)
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.store.get(int(i), temperature=False)
-        teacher_probs = self.targets(torch.from_numpy(rec["topk_logprobs"]))
+        rec = self.store.read(int(i))
         return {
             "input_ids": rec["input_ids"],
             "target_positions": rec["target_positions"],
             "topk_ids": rec["topk_ids"],
-            "teacher_probs": teacher_probs,
+            "topk_logprobs": rec["topk_logprobs"],
             "answer_index": int(rec.get("answer_index", -1)),
             "n_choices": int(rec.get("n_choices", 0)),
         }
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example."""
+        return self.store.sequence_lengths()
+
+    def read_blocks(self) -> np.ndarray:
+        """The store's read block of every example (first_kd.store.TopKStore.read_blocks)."""
+        return self.store.read_blocks()
+
+    def keep_chunks(self, n: int) -> None:
+        """Let the store keep at least n decoded chunks per array (what an order reading n at a time needs)."""
+        self.store.set_chunk_cache(max(16, n))
+
 
 class DataExamples:
     """Tokenized records from first_kd.data: the targets are input_ids[target_start:]."""
+
+    targets = None  # no teacher
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -110,12 +125,24 @@ class DataExamples:
             "n_choices": int(row.get("n_choices", 0)),
         }
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example (from the Arrow column, no Python lists)."""
+        import pyarrow.compute as pc
+
+        column = self.dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
+        return pc.list_value_length(column).to_numpy().astype(np.int64)
+
+    def read_blocks(self) -> None:
+        """None: the records are in memory, so there is no read order to keep local."""
+        return None
+
 
 class Prefix:
     """The first n examples of a collection (all of them when it holds fewer)."""
 
     def __init__(self, examples, n: int):
         self.examples, self.n = examples, min(n, len(examples))
+        self.targets = getattr(examples, "targets", None)
 
     def __len__(self) -> int:
         return self.n
@@ -124,12 +151,6 @@ class Prefix:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.examples[i]
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The order of the n examples in `epoch`: a pure function of (seed, epoch), so a resumed run
-    finds its place from the step number alone."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +231,7 @@ def validate(model, examples, pad_id: int, *, batch_size: int, chunk_size: int, 
     n_rows = 0
     for start in range(0, len(examples), batch_size):
         batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))],
-                        pad_id, use_teacher)
+                        pad_id, use_teacher, getattr(examples, "targets", None))
         batch = to_device(batch, device)
         hidden = target_hidden(model, batch)  # [N, H]
         for lo in range(0, hidden.shape[0], chunk_size):

@@ -2,12 +2,14 @@
 
 One straight training loop, nanoGPT style:
 
-    examples (store records or tokenized data) -> deterministic per-epoch permutation -> optimizer steps
+    examples (store records or tokenized data) -> deterministic per-epoch order -> optimizer steps
     each step: batch_size x grad_accum sequences, right-padded, body forward -> hidden states gathered
     at the target positions only -> chunked loss against the head weight -> backward -> clip -> AdamW
 
 The loop is `_train` below; its building blocks (examples, the target-position loss, validation,
-checkpoints) are first_kd.training, batching is first_kd.batching.collate.
+checkpoints) are first_kd.training, batching is first_kd.batching.collate, and the data loader (the epoch
+order, each step's batches read by DataLoader workers, the teacher distribution computed per batch) is
+first_kd.loader.
 
 Losses (`--loss`):
   * first: forward KL to the teacher's top-k distribution *after the store's recorded temperature*
@@ -32,8 +34,8 @@ Output directory:
     OUT/tensorboard/          when the tensorboard package is installed
 
 Resume: re-running the same command after a crash (even kill -9) continues from the newest checkpoint;
-the data order is a permutation seeded by (seed, epoch), so the position is just the step number, and
-on CPU the result is bitwise the same as an uninterrupted run. The same command on a finished run is a
+the data order is a pure function of (seed, epoch) (--order), so the position is just the step number, and
+on CPU the result is bitwise the same as an uninterrupted run, whatever --num-workers. The same command on a finished run is a
 no-op (exit 0); other options are refused (one line naming them), and so is a finished `first` run whose
 store has been calibrated again since.
 
@@ -62,22 +64,22 @@ from typing import Literal, Optional
 import torch
 import yaml
 
-from first_kd.batching import collate
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
 from first_kd.files import clean_json, write_json_atomic
+from first_kd.loader import StepBatches, StepPlan, step_loader
 from first_kd.losses import StudentNorm
 from first_kd.models import ModelOptions
 from first_kd.outputs import (STAGING_PREFIX, clear_stale, crash_point, fsync_dir, say_done, settings_diff,
                               writable_parent)
 from first_kd.temperature import describe
 from first_kd.training import (DataExamples, Prefix, StoreExamples, TargetPositionLoss, TeacherTargets, checkpoint_dir,
-                               clear_interrupted_saves, epoch_permutation, list_checkpoints, load_checkpoint,
+                               clear_interrupted_saves, list_checkpoints, load_checkpoint,
                                param_groups, save_checkpoint, save_final_model, to_device, validate)
 
 # Options that change how a run is observed or saved, not what it computes: a resumed run may change them.
-RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "keep_checkpoints")
+RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "keep_checkpoints", "num_workers")
 
 # What a run writes into OUT, summary.json (the mark of a finished run) last: --overwrite replaces these only.
 RUN_ENTRIES = (".model.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "model", "summary.json")
@@ -126,6 +128,18 @@ class DistillConfig(ModelOptions, DataConfig):
     val_split: Optional[str] = option(None, help="split of --val-data when it holds several (default: --split)")
     val_limit: Optional[int] = option(None, help="validate on the first N held-out records only")
     seed: int = option(0, help="seed of the data order and of every random number generator")
+    order: Literal["local", "random", "sequential"] = option(
+        "local", help="data order of each epoch, a pure function of (--seed, epoch): local = the store's chunks "
+                      "shuffled, then the sequences within each window of --order-window chunks, so a batch "
+                      "decodes a few chunks, not one per sequence (a store of at most that many chunks, and --data, "
+                      "are shuffled whole, as random); random = a full permutation; sequential = store order")
+    order_window: int = option(8, help="chunks (read blocks) of the store shuffled together by --order local: "
+                                       "larger mixes more, smaller reads fewer chunks at a time")
+    group_by_length: bool = option(False, help="sort the sequences of every 16 steps by length and shuffle those "
+                                               "steps, so a micro-batch holds similar lengths and pads less")
+    num_workers: Optional[int] = option(
+        None, help="DataLoader worker processes reading batches while the model trains; none = 2 on a GPU, 0 on "
+                   "CPU (where workers take cores from training); never changes the batches")
     mixed_precision: Literal["auto", "no", "bf16"] = option(
         "auto", help="auto = bf16 autocast on a GPU that supports it, else fp32")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = option(
@@ -175,6 +189,9 @@ class DistillConfig(ModelOptions, DataConfig):
             (self.log_every >= 1, f"--log-every must be >= 1; got {self.log_every}"),
             (self.chunk_size >= 1, f"--chunk-size must be >= 1; got {self.chunk_size}"),
             (self.val_limit is None or self.val_limit >= 1, f"--val-limit must be >= 1; got {self.val_limit}"),
+            (self.order_window >= 1, f"--order-window must be >= 1; got {self.order_window}"),
+            (self.num_workers is None or self.num_workers >= 0,
+             f"--num-workers must be >= 0 (0 = read on the training thread); got {self.num_workers}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -222,35 +239,29 @@ def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
     use_teacher = cfg.loss in ("first", "kd")
     train, temperature = _training_examples(cfg, tokenizer, model, use_teacher)
     val, val_teacher, val_choice_ids = _validation_examples(cfg, tokenizer, model, temperature, use_teacher)
-    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
-    steps_per_epoch = math.ceil(len(train) / step_examples)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+    plan = _step_plan(cfg, len(train), world)
+    steps_per_epoch, step_examples, total_steps = plan.steps_per_epoch, plan.step_examples, plan.total_steps
     loss_module, optimizer, scheduler, warmup_steps = _optimization(cfg, model, total_steps, accelerator)
     student = accelerator.unwrap_model(loss_module).model
     start_step, last_good = _start(work, out, cfg, accelerator, student, optimizer, scheduler, total_steps)
     metrics_path = work / "metrics.jsonl"
     if main:
         _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
-             f"{step_examples} sequences, lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
+             f"{step_examples} sequences ({cfg.order} order), lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
              f"mixed precision {accelerator.mixed_precision}, device {device}")
     writer = _summary_writer(work) if main else None
     params = [p for p in loss_module.parameters() if p.requires_grad]
+    batches = iter(step_loader(StepBatches(train, plan, pad_id, use_teacher, accelerator.process_index, world),
+                               start_step, _num_workers(cfg, device), pin_memory=torch.device(device).type == "cuda"))
 
     # --- the loop ----------------------------------------------------------------------------------
     bar = tqdm(total=total_steps, initial=start_step, desc=f"distill ({cfg.loss})", disable=not main,
                dynamic_ncols=True)
     window_loss, window_steps, window_tokens, window_start = 0.0, 0, 0, time.perf_counter()
     last_record: dict = {}
-    perm, perm_epoch = None, -1
     try:
         for step in range(start_step, total_steps):
-            # This step's sequences (a slice of the epoch's permutation), this process's share, in micro-batches.
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(len(train), cfg.seed, epoch), epoch
-            mine = perm[index_in_epoch * step_examples:][:step_examples][accelerator.process_index::world]
-            micro = [collate([train[i] for i in mine[j: j + cfg.batch_size]], pad_id, use_teacher)
-                     for j in range(0, len(mine), cfg.batch_size)]
+            micro = next(batches)  # this process's micro-batches of this step (first_kd.loader)
             step_loss, grad_norm, lr = _optimizer_step(micro, accelerator, loss_module, optimizer, scheduler, params,
                                                        cfg.max_grad_norm,
                                                        (work, step, cfg.lr, last_good if work == out else None))
@@ -289,6 +300,7 @@ def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
                 window_start = time.perf_counter()
     finally:
         bar.close()  # also when a divergence error leaves the loop
+        del batches  # its worker processes stop
 
     # --- output --------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -298,6 +310,21 @@ def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _step_plan(cfg: DistillConfig, n_examples: int, world: int) -> StepPlan:
+    """Which examples every optimizer step reads: batch_size x grad_accum x world sequences per step."""
+    step_examples = cfg.batch_size * cfg.grad_accum * world  # sequences per optimizer step, all devices
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(n_examples / step_examples)
+    return StepPlan(n_examples, cfg.seed, step_examples, cfg.batch_size, total_steps, cfg.order, cfg.order_window,
+                    cfg.group_by_length)
+
+
+def _num_workers(cfg: DistillConfig, device) -> int:
+    """--num-workers, or by default 2 on a GPU (the CPU is free to read ahead) and 0 on CPU (it trains)."""
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 2 if torch.device(device).type == "cuda" else 0
 
 
 def _optimizer_step(micro: list[dict], accelerator, loss_module, optimizer, scheduler, params, max_grad_norm: float,
