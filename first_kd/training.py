@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from first_kd.adapters import is_peft, trainable_state
 from first_kd.batching import collate
 from first_kd.errors import FirstKDError
 from first_kd.losses import LOGIT_NORM, StudentNorm, chunked_distillation_loss, distillation_loss
@@ -297,7 +298,7 @@ def clear_interrupted_saves(out: Path) -> None:
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
     """Write step N's checkpoint atomically: fill a temp dir, fsync, rename, then drop older ones."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     final = checkpoint_dir(out, step)
     root = final.parent
@@ -306,7 +307,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
+        if is_peft(model):  # a LoRA student: the adapters are all that trains (the base is read from --student)
+            save_file({name: t.contiguous() for name, t in trainable_state(model).items()},
+                      str(tmp / "model.safetensors"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared tensors)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state()}, tmp / "trainer_state.pt")
         for f in tmp.iterdir():
@@ -326,10 +331,17 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     """Restore model, optimizer, scheduler and RNG from a checkpoint; return its step."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     try:
-        load_model(model, str(path / "model.safetensors"))
+        if is_peft(model):
+            saved = load_file(str(path / "model.safetensors"))
+            missing = set(trainable_state(model)) - set(saved)
+            if missing:
+                raise ValueError(f"{len(missing)} adapter tensor(s) missing, e.g. {sorted(missing)[0]}")
+            model.load_state_dict(saved, strict=False)
+        else:
+            load_model(model, str(path / "model.safetensors"))
         # Our own file (optimizer state and RNG tuples are not plain tensors), so a full unpickle.
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -341,9 +353,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def save_final_model(out: Path, model, tokenizer) -> Path:
-    """save_pretrained into out/.model.tmp, then swap it in as out/model, so it is never half written."""
-    tmp, final = out / ".model.tmp", out / "model"
+def save_final_model(out: Path, model, tokenizer, name: str = "model") -> Path:
+    """save_pretrained into out/.NAME.tmp, then swap it in as out/NAME, so it is never half written (a
+    LoRA student's save_pretrained writes its adapters only: NAME is then "adapter")."""
+    tmp, final = out / f".{name}.tmp", out / name
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp))

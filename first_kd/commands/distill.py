@@ -64,6 +64,7 @@ from typing import Literal, Optional
 import torch
 import yaml
 
+from first_kd.adapters import LoraOptions
 from first_kd.config import option, save_yaml, to_dict
 from first_kd.data import DataConfig
 from first_kd.errors import FirstKDError
@@ -82,11 +83,12 @@ from first_kd.training import (DataExamples, Prefix, StoreExamples, TargetPositi
 RESUME_FREE_OPTIONS = ("overwrite", "save_every", "log_every", "eval_every", "keep_checkpoints", "num_workers")
 
 # What a run writes into OUT, summary.json (the mark of a finished run) last: --overwrite replaces these only.
-RUN_ENTRIES = (".model.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "model", "summary.json")
+RUN_ENTRIES = (".model.tmp", ".adapter.tmp", "config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "adapter",
+               "model", "summary.json")
 
 
 @dataclass(kw_only=True)
-class DistillConfig(ModelOptions, DataConfig):
+class DistillConfig(ModelOptions, LoraOptions, DataConfig):
     student: str = option(help="student model: a local directory or a hub id (AutoModelForCausalLM)")
     out: str = option(help="run directory: model/, checkpoints/, metrics.jsonl, config.yaml")
     loss: Literal["first", "kd", "ce"] = option(
@@ -158,6 +160,7 @@ class DistillConfig(ModelOptions, DataConfig):
             parent()
         if not self.student:
             raise FirstKDError("give the student model: --student PATH_OR_HUB_ID")
+        self.validate_lora()
         if not self.out:
             raise FirstKDError("give the run directory: --out DIR")
         if self.loss in ("first", "kd") and not self.store:
@@ -248,7 +251,8 @@ def _train(cfg: DistillConfig, out: Path, work: Path) -> int:
     if main:
         _say(f"{cfg.loss}: {len(train)} sequences, {steps_per_epoch} steps/epoch, {total_steps} steps of "
              f"{step_examples} sequences ({cfg.order} order), lr {cfg.lr} ({cfg.schedule}, warmup {warmup_steps}), "
-             f"mixed precision {accelerator.mixed_precision}, device {device}")
+             f"mixed precision {accelerator.mixed_precision}, device {device}"
+             + (f", {world} processes ({accelerator.distributed_type.value})" if world > 1 else ""))
     writer = _summary_writer(work) if main else None
     params = [p for p in loss_module.parameters() if p.requires_grad]
     batches = iter(step_loader(StepBatches(train, plan, pad_id, use_teacher, accelerator.process_index, world),
@@ -396,6 +400,7 @@ def _checkpoint(work: Path, step: int, accelerator, student, optimizer, schedule
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(work, step, student, optimizer, scheduler)
+        crash_point(f"distill:after-checkpoint:{step}")
     accelerator.wait_for_everyone()
     return checkpoint_dir(work, step)
 
@@ -420,6 +425,14 @@ def _accelerator(mixed_precision: str):
         pass
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # Sharded training is refused, not half-done: the chunked head reads the output layer's weight outside
+    # the wrapped forward, and checkpoints save whole tensors; neither has been made shard-aware (and on a
+    # CPU host accelerate would quietly fall back to plain data parallel).
+    for name, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(name, "").lower() in ("1", "true", "yes"):
+            raise FirstKDError(f"{what} sharding is not supported by first-kd distill yet: launch with plain data "
+                               "parallel (accelerate launch --multi_gpu), or fit a large student on one GPU with "
+                               "--lora-r (and --load-in-4bit)")
     # cpu=True on CPU-only hosts so a multi-process launch there uses gloo instead of looking for GPUs.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
@@ -428,14 +441,19 @@ def load_student(cfg: DistillConfig, device):
     """Student model (in train mode) and tokenizer, with the shared one-line load errors."""
     from first_kd.models import load_model, load_tokenizer, resolve_dtype
 
+    from first_kd.adapters import add_lora, quantization_config
+
     tokenizer = load_tokenizer(cfg.student, cfg.revision, cfg.trust_remote_code)
-    model = load_model(cfg.student, resolve_dtype(cfg.dtype, torch.device(device)), device, cfg.revision,
-                       cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype, torch.device(device))
+    model = load_model(cfg.student, dtype, device, cfg.revision, cfg.trust_remote_code,
+                       quantization=quantization_config(cfg.load_in_4bit, dtype, device))
     if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         raise FirstKDError(f"{type(model).__name__} transforms its logits after the output head (soft-capping "
                            "or scaling), which the target-position loss does not reproduce: use another student")
     if model.get_output_embeddings() is None:
         raise FirstKDError(f"{type(model).__name__} has no output head: use a causal LM (AutoModelForCausalLM)")
+    if cfg.lora_r > 0:
+        model = add_lora(model, cfg, cfg.student)
     return model.train(), tokenizer
 
 
@@ -570,9 +588,17 @@ def _start(work: Path, out: Path, cfg: DistillConfig, accelerator, model, optimi
 
 
 def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summary: dict, writer) -> None:
-    """Main process: the final model and summary.json (last), then a staged run replaces the old one."""
-    save_final_model(work, student, tokenizer)
-    summary = {**summary, "model": str(out / "model")}
+    """Main process: the final model and summary.json (last), then a staged run replaces the old one. A LoRA
+    run writes OUT/adapter, and OUT/model (the merged model) with --merge-lora."""
+    if cfg.lora_r > 0:
+        save_final_model(work, student, tokenizer, "adapter")
+        summary["adapter"] = str(out / "adapter")
+        if cfg.merge_lora:
+            save_final_model(work, student.merge_and_unload(), tokenizer)
+    else:
+        save_final_model(work, student, tokenizer)
+    final = out / ("model" if cfg.lora_r == 0 or cfg.merge_lora else "adapter")
+    summary = {**summary, "model": str(final)}
     write_json_atomic(work / "summary.json", clean_json(summary))
     if not cfg.keep_checkpoints:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)
@@ -581,7 +607,7 @@ def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summa
     if work != out:
         crash_point("distill:before-replace")
         replace_run(work, out)
-    _say(f"done: {summary['steps']} steps; model in {out / 'model'}")
+    _say(f"done: {summary['steps']} steps; {final.name} in {final}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +685,8 @@ def _finished_already(out: Path, cfg: DistillConfig) -> int:
             raise FirstKDError(f"{out} holds a run trained with the temperature of {cfg.store} at the time "
                                f"({describe(then)}), which now records {describe(now)}: pass "
                                "--overwrite to train with the new one, or choose another --out")
-    return say_done("distill", out, f"a finished run ({done.get('steps')} steps, model in {out / 'model'})")
+    return say_done("distill", out, f"a finished run ({done.get('steps')} steps, model in "
+                                    f"{done.get('model') or out / 'model'})")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
