@@ -243,7 +243,8 @@ def self_consistency(records: list[dict], threshold: float = 0.6, max_per_questi
         raise ValueError(f"max_per_question must be >= 0 (0 = no cap); got {max_per_question}")
     if perturbation and not any(r["perturbed"] for r in records):
         raise FirstKDError("--perturbation needs perturbed samples but the input has none: generate with "
-                           "--perturb shuffle-options (MCQA data), or drop --perturbation")
+                           "--perturb shuffle-options (MCQA data) or swap-answers (pairwise verdicts), or drop "
+                           "--perturbation")
     by_question = _group(records)
     kept: list[dict] = []
     drop_records: Counter = Counter()

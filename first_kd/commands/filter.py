@@ -1,8 +1,11 @@
 """`first-kd filter`: keep the teacher-written rationales worth training on.
 
 Input is `first-kd generate`'s jsonl (one line per sample: id, sample, prompt, rationale, answer,
-gold, perturbed, ...); output is prompt/response jsonl that `cache` and `distill` read as it is, and the
-report beside it (OUT.filter.json: counts, drop reasons, the settings and the output's sha256).
+gold, perturbed, ...; with --program also the stages, whose final output the answer was read from: the
+filters compare answers of any kind, option letters and pairwise verdicts A / B / tie included, perturbed
+samples' answers already mapped back to the original order by generate); output is prompt/response
+jsonl that `cache` and `distill` read as it is, and the report beside it (OUT.filter.json: counts, drop
+reasons, the settings and the output's sha256).
 
 The filters themselves (finetune-cot for labelled data, self-consistency for unlabelled data, the
 duplicate / unfinished / diversity rules and the drop reasons) are first_kd.selection; this command reads
@@ -50,8 +53,9 @@ class FilterConfig:
                 "distinct one")
     threshold: float = option(0.6, help="self-consistency: least share of a question's samples that must give "
                                         "the majority answer (kept when agreement >= threshold)")
-    perturbation: bool = option(False, help="self-consistency: also require every shuffled-options sample "
-                                            "(generate --perturb shuffle-options) to give the majority answer")
+    perturbation: bool = option(False, help="self-consistency: also require every perturbed sample (generate "
+                                            "--perturb shuffle-options, or swap-answers: its verdict mapped back "
+                                            "to the original order) to give the majority answer")
     final_answer_only: bool = option(
         False, help="one record per question whose response is only the answer (--answer-template), without "
                     "the rationale and without the --cue at the end of the prompt")
@@ -59,7 +63,8 @@ class FilterConfig:
                                   help="final-answer-only response; must contain {answer}; a typed \\n is a newline")
     cue: str = option("Let's think step by step.",
                       help="final-answer-only: reasoning cue generate appended, taken off the prompts; '' keeps "
-                           "prompts as generated")
+                           "prompts as generated (a --program's records keep theirs: their prompt is already "
+                           "the program's student prompt)")
     overwrite: bool = option(False, help="replace an existing --out")
 
     def validate(self) -> None:
@@ -256,10 +261,11 @@ def run_filter(cfg: FilterConfig) -> int:
     if not kept:
         raise _nothing_kept(report, cfg)
     template = unescape(cfg.answer_template)
-    rows = to_training_records(kept, cfg.final_answer_only, template, cfg.cue if cfg.final_answer_only else "")
+    # A program's prompt is its student prompt (no System-2 cue to take off); plain generate's ends with --cue.
+    cue = cfg.cue if cfg.final_answer_only and not any("program" in r for r in records) else ""
+    rows = to_training_records(kept, cfg.final_answer_only, template, cue)
     first_prompts = {str(r["id"]): r["prompt"] for r in reversed(kept)}  # what to_training_records used
-    uncued = (sum(strip_cue(p, cfg.cue) is None for p in first_prompts.values())
-              if cfg.final_answer_only and cfg.cue else 0)
+    uncued = sum(strip_cue(p, cue) is None for p in first_prompts.values()) if cue else 0
     rows_text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
     write_outputs(out, rows_text, {**report, "records_written": len(rows), "settings": settings})
     print(summary_text(report, cfg, len(rows)))

@@ -23,7 +23,24 @@ teacher's own generation_config (vendor top_k, repetition penalties, ...) is not
 
 Perturbation (System-2 distillation's consistency check): with --perturb shuffle-options, each MCQA
 question also gets `perturb_samples` samples on prompts whose options are shuffled; their answers are
-mapped back to the original option letters, so they vote with the unperturbed samples.
+mapped back to the original option letters, so they vote with the unperturbed samples. With --perturb
+swap-answers (pairwise judging: a program whose answers are verdicts, e.g. bsm), the extra samples see the
+two judged answers swapped, and their verdict is mapped back (A <-> B, tie stays; the verdict as written is
+kept in `answer_as_shown`).
+
+Programs (--program NAME_OR_FILE, first_kd.programs): each sample runs the program's stages in order. Within
+a unit, stage by stage, each stage is one batched call over all the unit's rows (fan-out items included),
+seeded by programs.stage_seed(seed, unit, stage), so a unit's records still depend on the unit only and
+resume stays exact; the program file's sha256 and the records' own digest are part of the settings a resume
+compares. A program record adds `program`, `stages` (stage -> text, or a list of texts for a fan-out stage),
+`stage_prompts` (the same, the prompts shown) and `final` (the text the extractor read); its `prompt` is the
+program's student prompt and its `rationale` the program's response (what filter turns into training data).
+A program's own extractor (when it has one) reads the final output; --extractor still reads gold answers given
+as worked solutions (hashes: GSM8K's "#### N"). Stop strings cut a stage's decoded text, the same way with
+either engine (vLLM runs without a tokenizer, so it cannot stop on strings itself); generation still runs to
+eos or the budget, and those tokens count in n_tokens. A stage prompt that leaves no room within --max-length
+gets an empty text (finished=false) instead of stopping the run, since it is known only once the earlier
+stages have run.
 """
 
 from __future__ import annotations
@@ -48,11 +65,13 @@ from tqdm.auto import tqdm
 from first_kd import __version__
 from first_kd.config import option
 from first_kd.data import LETTERS, encode_prompts, load_records
+from first_kd.data.templates import option_lines
 from first_kd.engines.options import EngineOptions
 from first_kd.errors import FirstKDError
 from first_kd.decoding import generate_texts
 from first_kd.files import file_sha256, write_json_atomic
 from first_kd.models import ModelOptions, model_positions, stop_token_ids
+from first_kd import programs
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff, writable_parent
 from first_kd.data.rationale import (Question, RationaleConfig, compile_extractor, extract_answer, load_questions,
                                 mcqa_prompt, with_cue)
@@ -74,10 +93,15 @@ class GenerateConfig(ModelOptions, EngineOptions, RationaleConfig):
     batch_size: int = option(8, help="questions per generate call; also the unit of resume (keep it the "
                                      "same to resume)")
     seed: int = option(0, help="sampling seed (each unit of batch-size questions derives its own from it)")
-    perturb: Literal["none", "shuffle-options"] = option(
+    program: Optional[str] = option(
+        None, help="a prompt program (System-2 prompting in stages): a built-in name (cot, rar-1step, rar-2step, "
+                   "s2a, bsm) or a YAML file (configs/programs/ holds the built-in ones to copy)")
+    perturb: Literal["none", "shuffle-options", "swap-answers"] = option(
         "none", help="also sample on perturbed prompts: shuffle-options shows the MCQA options in a "
-                     "seeded random order (answers are mapped back to the original letters)")
-    perturb_samples: int = option(1, help="extra samples per question on shuffled options, each with its "
+                     "seeded random order (answers are mapped back to the original letters); swap-answers "
+                     "swaps answer_a and answer_b of pairwise records (--program with verdicts; the verdict is "
+                     "mapped back)")
+    perturb_samples: int = option(1, help="extra samples per question on perturbed prompts, each with its "
                                           "own order (with --perturb)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="teacher weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
@@ -112,7 +136,17 @@ class GenerateConfig(ModelOptions, EngineOptions, RationaleConfig):
         if self.temperature == 0 and self.top_p != 1:
             raise FirstKDError("--top-p applies to sampling only; set --temperature > 0 or drop --top-p")
         if self.perturb == "none" and self.perturb_samples != 1:
-            raise FirstKDError("--perturb-samples needs --perturb shuffle-options")
+            raise FirstKDError("--perturb-samples needs --perturb shuffle-options or swap-answers")
+        if self.perturb == "swap-answers" and not self.program:
+            raise FirstKDError("--perturb swap-answers judges pairs: it needs a --program whose answers are "
+                               "verdicts (e.g. --program bsm)")
+        if self.program:
+            defaults = {f.name: f.default for f in dataclasses.fields(RationaleConfig)}
+            for name in ("cue", "qa_template"):
+                if getattr(self, name) != defaults[name]:
+                    flag = "--" + name.replace("_", "-")
+                    raise FirstKDError(f"{flag} is not used with --program (its templates write every prompt): "
+                                       f"drop {flag}, or edit a copy of the program")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +198,7 @@ class _Sample:
     sample: int
     prompt: str
     option_order: Optional[list[int]] = None
+    swapped: bool = False
 
 
 def unit_seed(seed: int, unit: int) -> int:
@@ -185,6 +220,9 @@ def _unit_samples(unit: int, questions: list[Question], ds, cfg: GenerateConfig)
             for s in range(cfg.samples, cfg.samples + cfg.perturb_samples):
                 order = shuffle_options(q.options, _perturb_rng(cfg.seed, q.id, s))
                 rows.append(_Sample(i, s, perturbed_prompt(values, q, order, cfg), order))
+        elif cfg.perturb == "swap-answers":
+            rows += [_Sample(i, s, q.prompt, swapped=True)
+                     for s in range(cfg.samples, cfg.samples + cfg.perturb_samples)]
     return rows
 
 
@@ -210,6 +248,103 @@ def _records(rows: list[_Sample], results, questions: list[Question], extractor)
             rec["option_order"] = row.option_order
         records.append(rec)
     return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Programs (first_kd.programs): stages run unit by unit, each stage one batched call
+
+
+def _load_program(cfg: GenerateConfig, ds) -> programs.Program:
+    """The --program, checked against the data and the other options (one-line FirstKDErrors)."""
+    program = programs.load_program(cfg.program)
+    columns = list(ds.column_names)
+    programs.check_fields(program, columns)
+    if cfg.perturb == "swap-answers":
+        if program.answers != "verdict":
+            raise FirstKDError(f"--perturb swap-answers maps verdicts back, but program {program.path} has "
+                               f"answers: text; use a program with answers: verdict (e.g. bsm)")
+        missing = [name for name in ("answer_a", "answer_b") if name not in columns]
+        if missing:
+            raise FirstKDError(f"--perturb swap-answers needs pairwise records (question, answer_a, answer_b); "
+                               f"this data lacks {', '.join(missing)}")
+    return program
+
+
+def _records_fingerprint(ds) -> str:
+    """sha256 of every field of every record (a program's templates may name any of them)."""
+    h = hashlib.sha256()
+    for values in ds:
+        h.update(json.dumps(values, ensure_ascii=False, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def row_fields(values: dict, question: Question, row: _Sample, cfg: RationaleConfig) -> dict:
+    """What a program's templates read for one row: the record's fields, {question}, {options} (in the order
+    shown) and, in a swapped row, answer_a and answer_b swapped."""
+    fields = dict(values)
+    fields["question"] = _question_text(values, cfg)
+    if question.options is None:
+        fields["options"] = ""
+    else:
+        order = row.option_order or list(range(len(question.options)))
+        fields["options"] = option_lines([question.options[i] for i in order])
+    if row.swapped:
+        fields["answer_a"], fields["answer_b"] = values["answer_b"], values["answer_a"]
+    return fields
+
+
+class ProgramRunner:
+    """`unit_records(unit)`: the records of one unit of a program run. Stage by stage, one `write` call over the
+    unit's rows, seeded with programs.stage_seed(seed, unit, stage); `short` counts the stage prompts with less
+    room than their budget within `limit` ("less room") or none at all ("no room": empty text)."""
+
+    def __init__(self, cfg: GenerateConfig, program: programs.Program, inputs, tokenizer, limit: int, write,
+                 extractor):
+        self.cfg, self.program, self.tokenizer, self.limit = cfg, program, tokenizer, limit
+        self.ds, self.questions = inputs
+        self.write, self.extractor = write, extractor
+        self.short = {"less room": 0, "no room": 0}
+
+    def stage_texts(self, unit: int, call: programs.StageCall) -> list:
+        cfg, stage = self.cfg, call.stage
+        temperature = cfg.temperature if stage.temperature is None else stage.temperature
+        top_p = 1.0 if temperature == 0 else (cfg.top_p if stage.top_p is None else stage.top_p)
+        budget = stage.max_new_tokens or cfg.max_new_tokens
+        lengths = [len(ids) for ids in encode_prompts(self.tokenizer, call.prompts, cfg.chat_template)]
+        rooms = [min(budget, self.limit - n) for n in lengths]
+        self.short["less room"] += sum(0 < r < budget for r in rooms)
+        self.short["no room"] += sum(r < 1 for r in rooms)
+        results: list = [("", 0, False)] * len(rooms)
+        live = [i for i, r in enumerate(rooms) if r >= 1]
+        if live:
+            texts = self.write([call.prompts[i] for i in live], [rooms[i] for i in live],
+                               programs.stage_seed(cfg.seed, unit, stage.name), temperature, top_p)
+            for i, result in zip(live, texts):
+                results[i] = result
+        return results
+
+    def unit_records(self, unit: int) -> list[dict]:
+        rows = _unit_samples(unit, self.questions, self.ds, self.cfg)
+        fields = [row_fields(self.ds[r.question], self.questions[r.question], r, self.cfg) for r in rows]
+        results = programs.run_rows(self.program, fields, lambda call: self.stage_texts(unit, call))
+        return [self.record(row, result) for row, result in zip(rows, results)]
+
+    def record(self, row: _Sample, result: programs.RowResult) -> dict:
+        q = self.questions[row.question]
+        answer = extract_answer(result.final, self.extractor)
+        if self.program.answers == "verdict":
+            answer = programs.normalize_verdict(answer)
+        rec = {"id": q.id, "sample": row.sample, "prompt": result.prompt, "rationale": result.response,
+               "answer": answer, "gold": q.gold, "perturbed": row.option_order is not None or row.swapped,
+               "n_tokens": result.n_tokens, "finished": result.finished, "program": self.program.name,
+               "final": result.final, "stages": result.stages, "stage_prompts": result.prompts}
+        if row.option_order is not None:
+            rec["answer"] = unshuffle_letter(answer, row.option_order)
+            rec["option_order"] = row.option_order
+        if row.swapped:
+            rec["answer"], rec["answer_as_shown"], rec["swapped"] = programs.swap_verdict(answer), answer, True
+        return rec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,9 +616,9 @@ def _vllm_settings(cfg: GenerateConfig, dtype: torch.dtype, positions: Optional[
 
 @contextlib.contextmanager
 def _open_writer(cfg: GenerateConfig, tokenizer, device, dtype, engine_settings: Optional[dict]):
-    """`write(prompts, budgets, unit) -> [(text, n_tokens, finished)]` with the chosen engine. Each unit's
-    randomness comes from unit_seed(seed, unit) only: hf seeds torch with it, vLLM derives one seed per
-    request from it."""
+    """`write(prompts, budgets, seed, temperature, top_p) -> [(text, n_tokens, finished)]` with the chosen
+    engine. A call's randomness comes from `seed` only (unit_seed(seed, unit), or a program stage's
+    stage_seed): hf seeds torch with it, vLLM derives one seed per request from it."""
     from first_kd.models import generation_config, load_model
 
     if engine_settings is not None:
@@ -491,17 +626,16 @@ def _open_writer(cfg: GenerateConfig, tokenizer, device, dtype, engine_settings:
 
         eos_ids = stop_ids(generation_config(cfg.teacher, cfg.revision), tokenizer)
         with vllm_engine.started_engine(engine_settings) as llm:
-            yield lambda prompts, budgets, unit: vllm_engine.generate_texts(
-                llm, tokenizer, prompts, eos_ids, budgets, cfg.temperature, cfg.top_p, cfg.chat_template,
-                unit_seed(cfg.seed, unit))
+            yield lambda prompts, budgets, seed, temperature, top_p: vllm_engine.generate_texts(
+                llm, tokenizer, prompts, eos_ids, budgets, temperature, top_p, cfg.chat_template, seed)
         return
     model = load_model(cfg.teacher, dtype, device, cfg.revision, cfg.trust_remote_code, cfg.device_map)
     eos_ids = stop_ids(model, tokenizer)  # read before decoding sets the model's generation_config aside
 
-    def write(prompts, budgets, unit):
-        torch.manual_seed(unit_seed(cfg.seed, unit))  # seeds CUDA too
+    def write(prompts, budgets, seed, temperature, top_p):
+        torch.manual_seed(seed)  # seeds CUDA too
         with torch.inference_mode():
-            return generate_texts(model, tokenizer, prompts, eos_ids, budgets, cfg.temperature, cfg.top_p,
+            return generate_texts(model, tokenizer, prompts, eos_ids, budgets, temperature, top_p,
                                   cfg.chat_template)
 
     yield write
@@ -510,7 +644,10 @@ def _open_writer(cfg: GenerateConfig, tokenizer, device, dtype, engine_settings:
 def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
     meta = _finished_meta(paths)
     ds, questions, tokenizer, device, dtype = _load_inputs(cfg)
-    extractor = compile_extractor(cfg.extractor)
+    program = _load_program(cfg, ds) if cfg.program else None
+    if program is not None and program.answers == "verdict":
+        questions = [dataclasses.replace(q, gold=programs.normalize_verdict(q.gold)) for q in questions]
+    extractor = compile_extractor(program.extractor if program is not None and program.extractor else cfg.extractor)
     positions = _teacher_positions(cfg)
     engine_settings = _vllm_settings(cfg, dtype, positions)
     engine = None
@@ -519,22 +656,36 @@ def _run_locked(cfg: GenerateConfig, paths: dict[str, Path]) -> int:
 
         engine = engine_record(engine_settings)
     settings = _settings(cfg, questions, dtype, tokenizer, engine)
+    if program is not None:
+        settings["program"] = {"name": program.name, "sha256": program.sha256}
+        settings["records"] = _records_fingerprint(ds)
     if _already_done(paths, meta, settings, cfg.overwrite):
         return say_done("generate", cfg.out, "rationales")
     n_units = -(-len(questions) // cfg.batch_size)
-    budgets, short = plan_budgets(questions, ds, cfg, tokenizer, n_units, positions)
+    if program is None:
+        budgets, short = plan_budgets(questions, ds, cfg, tokenizer, n_units, positions)
     with _open_writer(cfg, tokenizer, device, dtype, engine_settings) as write:
-        _write_units(cfg, paths, (ds, questions), settings, (budgets, short, positions), extractor, write)
+        if program is None:
+            def unit_records(unit):
+                rows = _unit_samples(unit, questions, ds, cfg)
+                results = write([r.prompt for r in rows], budgets[unit], unit_seed(cfg.seed, unit), cfg.temperature,
+                                cfg.top_p)
+                return _records(rows, results, questions, extractor)
+            short = {"less room": short}
+        else:
+            runner = ProgramRunner(cfg, program, (ds, questions), tokenizer, length_limit(cfg.max_length, positions)[0],
+                                   write, extractor)
+            unit_records, short = runner.unit_records, runner.short
+        _write_units(cfg, paths, questions, settings, (n_units, short, positions), unit_records)
     return 0
 
 
-def _write_units(cfg: GenerateConfig, paths: dict[str, Path], inputs, settings: dict, room, extractor,
-                 write) -> None:
-    """Every unit not yet in OUT.partial, appended unit by unit, then OUT finished. room: (per-unit token
-    budgets, rows with less than --max-new-tokens, the teacher's positions) from `plan_budgets`."""
-    ds, questions = inputs
-    budgets, short, positions = room
-    n_units = len(budgets)
+def _write_units(cfg: GenerateConfig, paths: dict[str, Path], questions: list[Question], settings: dict, room,
+                 unit_records) -> None:
+    """Every unit not yet in OUT.partial, appended unit by unit (`unit_records(unit)`: a unit's records), then
+    OUT finished. room: (units, {"less room": rows with less than --max-new-tokens, and for a program "no room":
+    stage prompts that left none; a program's runner counts them while it runs}, the teacher's positions)."""
+    n_units, short, positions = room
     per_question = cfg.samples + (cfg.perturb_samples if cfg.perturb != "none" else 0)
     expected = [[(questions[i].id, s) for i in _unit_questions(u, len(questions), cfg.batch_size)
                  for s in range(per_question)] for u in range(n_units)]  # the (id, sample) lines of each unit
@@ -551,9 +702,7 @@ def _write_units(cfg: GenerateConfig, paths: dict[str, Path], inputs, settings: 
     try:
         with open(paths["partial"], "ab") as f:
             for unit in range(first_unit, n_units):
-                rows = _unit_samples(unit, questions, ds, cfg)
-                results = write([r.prompt for r in rows], budgets[unit], unit)
-                _append(f, _records(rows, results, questions, extractor), unit)
+                _append(f, unit_records(unit), unit)
                 crash_point(f"generate:after-unit-write:{unit}")
                 bar.update(len(expected[unit]) // per_question)
     except OSError as e:  # a full disk: the CLI says so on one line, naming the file; a re-run resumes
@@ -561,12 +710,20 @@ def _write_units(cfg: GenerateConfig, paths: dict[str, Path], inputs, settings: 
         raise
     finally:
         bar.close()  # before any error line, so that it stands on a line of its own
-    if short:
-        print(f"first-kd generate: note: {short:,} sample(s) have less room than --max-new-tokens "
-              f"{cfg.max_new_tokens} within {length_limit(cfg.max_length, positions)[1]}; their rationales stop "
-              f"there (finished=false when cut)", file=sys.stderr)
-    _finish(cfg, paths, settings, {"resumed_units": first_unit, "samples_with_less_room": short,
-                                   "started_at": started_at.isoformat(timespec="seconds")}, started)
+    what = length_limit(cfg.max_length, positions)[1]
+    if short["less room"]:
+        print(f"first-kd generate: note: {short['less room']:,} {'stage prompt' if cfg.program else 'sample'}(s) "
+              f"have less room than {'their budget' if cfg.program else f'--max-new-tokens {cfg.max_new_tokens}'} "
+              f"within {what}; their {'texts' if cfg.program else 'rationales'} stop there (finished=false when "
+              f"cut)", file=sys.stderr)
+    if short.get("no room"):
+        print(f"first-kd generate: note: {short['no room']:,} stage prompt(s) leave no room within {what}: their "
+              f"text is empty (finished=false); raise --max-length or shorten the templates", file=sys.stderr)
+    run = {"resumed_units": first_unit, "samples_with_less_room": short["less room"],
+           "started_at": started_at.isoformat(timespec="seconds")}
+    if "no room" in short:
+        run["stage_prompts_without_room"] = short["no room"]
+    _finish(cfg, paths, settings, run, started)
 
 
 def _finish(cfg: GenerateConfig, paths: dict[str, Path], settings: dict, run: dict, started: float) -> None:
