@@ -233,6 +233,31 @@ def test_fan_out_over_many_items_and_stop_strings_end_to_end(tmp_path, world):
                                                 " | ".join(rec["stage_prompts"]["each"]))
 
 
+def test_shuffled_options_reach_every_stage_and_answers_map_back(tmp_path, world):
+    from helpers import mcqa_records
+
+    data = write_jsonl(tmp_path / "mc.jsonl", mcqa_records(3, seed=5))
+    world = {**world, "mc": data}
+    program = tmp_path / "mc.yaml"
+    program.write_text("name: mc\nstages:\n  - {name: think, template: \"Q: {question}\\n{options}\\nA:\"}\n"
+                       "  - {name: pick, template: \"{think_prompt}{think}\\nThe answer is\", max_new_tokens: 3}\n"
+                       "extractor: '(?P<answer>[A-E])'\n")
+    out = tmp_path / "gen.jsonl"
+    assert generate(world, "mc", out, "--program", str(program), "--perturb", "shuffle-options",
+                    "--perturb-samples", "2") == 0
+    records = read_jsonl(out)
+    sources = {r["id"]: r for r in mcqa_records(3, seed=5)}
+    assert len(records) == 3 * 3
+    for rec in records:
+        texts = sources[rec["id"]]["choices"]["text"]
+        order = rec.get("option_order", list(range(len(texts))))
+        lines = "\n".join(f"{'ABCDE'[j]}. {texts[i]}" for j, i in enumerate(order))
+        assert rec["stage_prompts"]["think"] == f"Q: {sources[rec['id']]['question']}\n{lines}\nA:"
+        assert rec["perturbed"] == ("option_order" in rec)
+        shown = G.extract_answer(rec["final"], "(?P<answer>[A-E])")
+        assert rec["answer"] == (G.unshuffle_letter(shown, order) if rec["perturbed"] else shown)
+
+
 # ----------------------------------------------------------------------------------------------
 # The pieces (pure)
 
