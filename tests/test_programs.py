@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 from pathlib import Path
 
@@ -233,11 +234,13 @@ def test_fan_out_over_many_items_and_stop_strings_end_to_end(tmp_path, world):
                                                 " | ".join(rec["stage_prompts"]["each"]))
 
 
-def test_shuffled_options_reach_every_stage_and_answers_map_back(tmp_path, world):
+def test_shuffled_options_reach_every_stage_and_answers_map_back(tmp_path, world, capsys):
     from helpers import mcqa_records
 
     data = write_jsonl(tmp_path / "mc.jsonl", mcqa_records(3, seed=5))
     world = {**world, "mc": data}
+    assert generate(world, "mc", tmp_path / "x.jsonl", "--program", "rar-2step", "--perturb", "shuffle-options") != 0
+    assert re.search(r"shuffles \{options\}, which no stage of program .*rar-2step", capsys.readouterr().err)
     program = tmp_path / "mc.yaml"
     program.write_text("name: mc\nstages:\n  - {name: think, template: \"Q: {question}\\n{options}\\nA:\"}\n"
                        "  - {name: pick, template: \"{think_prompt}{think}\\nThe answer is\", max_new_tokens: 3}\n"
@@ -381,26 +384,29 @@ def test_program_file_errors_are_one_line_naming_the_file(tmp_path, text, messag
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--program", "nonesuch"], "no built-in program of that name.*bsm, cot"),
-    (["--program", "bsm", "--cue", "Think."], "--cue is not used with --program"),
-    (["--perturb", "swap-answers"], "needs a --program whose answers are verdicts"),
-    (["--program", "cot", "--perturb", "swap-answers"], "answers: text"),
-    (["--program", "{program}"], r"names \{nothere\}, which is neither a built-in field"),
-    (["--program", "{clash}"], r"stage output \{answer\} has the name of a field of the data"),
+@pytest.mark.parametrize("data, options, message", [
+    ("qa", ["--program", "nonesuch"], "no built-in program of that name.*bsm, cot"),
+    ("qa", ["--program", "bsm", "--cue", "Think."], "--cue is not used with --program"),
+    ("qa", ["--perturb", "swap-answers"], "needs a --program whose answers are verdicts"),
+    ("qa", ["--program", "cot", "--perturb", "swap-answers"], r"\{answer_a\} and \{answer_b\}, which program"),
+    ("pairs", ["--program", "{pairs}", "--perturb", "swap-answers"], "answers: text"),
+    ("qa", ["--program", "rar-2step", "--perturb", "shuffle-options"], "multiple-choice data"),
+    ("qa", ["--program", "{program}"], r"names \{nothere\}, which is neither a built-in field"),
+    ("qa", ["--program", "{clash}"], r"stage output \{answer\} has the name of a field of the data"),
 ])
-def test_bad_program_runs_are_one_line_errors_before_anything_is_written(tmp_path, world, capsys, options, message):
+def test_bad_program_runs_are_one_line_errors_before_anything_is_written(tmp_path, world, capsys, data, options,
+                                                                        message):
     (tmp_path / "p.yaml").write_text("stages: [{name: a, template: '{question} {nothere}'}]\n")
     (tmp_path / "c.yaml").write_text("stages: [{name: answer, template: '{question}'}]\n")
-    options = [o.format(program=tmp_path / "p.yaml", clash=tmp_path / "c.yaml") for o in options]
+    (tmp_path / "t.yaml").write_text("stages: [{name: j, template: '{question} {answer_a} {answer_b}'}]\n")
+    options = [o.format(program=tmp_path / "p.yaml", clash=tmp_path / "c.yaml", pairs=tmp_path / "t.yaml")
+               for o in options]
     out = tmp_path / "gen.jsonl"
-    assert generate(world, "qa", out, *options) != 0
+    assert generate(world, data, out, *options) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    import re
-
     assert re.search(message, err), err
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["c.yaml", "p.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["c.yaml", "p.yaml", "t.yaml"]
 
 
 # ----------------------------------------------------------------------------------------------

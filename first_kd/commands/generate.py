@@ -259,7 +259,15 @@ def _load_program(cfg: GenerateConfig, ds) -> programs.Program:
     program = programs.load_program(cfg.program)
     columns = list(ds.column_names)
     programs.check_fields(program, columns)
+    named = {n for stage in program.stages for n in programs.template_fields(stage.template, program.path)}
+    if cfg.perturb == "shuffle-options" and "options" not in named:
+        raise FirstKDError(f"--perturb shuffle-options shuffles {{options}}, which no stage of program "
+                           f"{program.path} shows: add {{options}} to a template (a copy of the program) or drop "
+                           f"--perturb")
     if cfg.perturb == "swap-answers":
+        if not {"answer_a", "answer_b"} <= named:
+            raise FirstKDError(f"--perturb swap-answers swaps {{answer_a}} and {{answer_b}}, which program "
+                               f"{program.path} does not show: name both in a template or drop --perturb")
         if program.answers != "verdict":
             raise FirstKDError(f"--perturb swap-answers maps verdicts back, but program {program.path} has "
                                f"answers: text; use a program with answers: verdict (e.g. bsm)")
