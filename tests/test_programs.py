@@ -416,7 +416,7 @@ def test_bad_program_runs_are_one_line_errors_before_anything_is_written(tmp_pat
 @pytest.mark.slow
 def test_a_program_runs_on_the_vllm_engine_with_the_same_prompts(tmp_path, tiny_tokenizer):
     """bsm (fan-out, swapped answers) through `--engine vllm` in a subprocess: every stage prompt as its template
-    says, and the same command again writes the same bytes (seeded per stage and request)."""
+    says, and a run killed after its first unit resumes to the bytes of the uninterrupted run."""
     try:
         import vllm  # noqa: F401
     except Exception:
@@ -430,15 +430,23 @@ def test_a_program_runs_on_the_vllm_engine_with_the_same_prompts(tmp_path, tiny_
     pairs = [{"id": f"p{i}", "question": f"Which tree is the best {i}?", "answer_a": "the green tree",
               "answer_b": "a stone house"} for i in range(2)]
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    runs = []
-    for name in ("a", "b"):
+
+    def run(name, **env):
         out = tmp_path / f"gen-{name}.jsonl"
-        result = run_cli(["generate", "--teacher", str(model), "--data", str(data), "--out", str(out), *LONG,
-                          "--program", "bsm", "--perturb", "swap-answers", "--samples", "2", "--temperature", "0.9",
-                          "--engine", "vllm", "--enforce-eager"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs.append(out.read_bytes())
-    assert runs[0] == runs[1]
+        return out, run_cli(["generate", "--teacher", str(model), "--data", str(data), "--out", str(out), *LONG,
+                             "--program", "bsm", "--perturb", "swap-answers", "--samples", "2", "--temperature",
+                             "0.9", "--batch-size", "1", "--engine", "vllm", "--enforce-eager"],
+                            env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **env})
+
+    out, result = run("a")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [out.read_bytes()]
+    out, killed = run("b", FIRST_KD_CRASH_AT="generate:after-unit-write:0")
+    assert killed.returncode == -9 and not out.exists(), killed.stderr[-3000:]
+    out, resumed = run("b")
+    assert resumed.returncode == 0 and "1 of 2 unit(s) already written" in resumed.stdout, resumed.stderr[-3000:]
+    runs.append(out.read_bytes())
+    assert runs[0] == runs[1]  # seeded per unit, stage and request: a resumed run writes the same bytes
     spec = yaml.safe_load((REPO / "configs" / "programs" / "bsm.yaml").read_text())
     records = [json.loads(line) for line in runs[0].splitlines()]
     assert len(records) == 2 * 3
