@@ -43,6 +43,15 @@ run in benchmarks/results/bench_cache.json; in brackets the range over 4 runs of
     mean top-5 mass      arc 0.993, text 0.685 (p10 0.13); teacher loss 10.86 -> 2.61 in 250 steps
     overhead_ratio       1.061 [1.06 - 1.10]  topk 3.10 s vs plain 2.92 s per 4 x 512 batch under load;
                          1.00 s vs 0.94 s on a quiet machine                      (target <= 1.15)
+                         Re-run after the head was normalised in place (top-k on the raw logits, the
+                         row's logsumexp from the top-1 and an in-place exp-sum; issue 16), three runs
+                         of `--only time` (results/bench_cache.time-runs.json; plain forward 1.05 /
+                         1.07 / 1.15 s): overhead_ratio 1.066 / 1.050 / 1.159, cache_overhead_ratio
+                         1.078 / 1.024 / 1.067 (the third run had another job starting; target <= 1.05).
+                         An interleaved A/B in one process against the old log_softmax head on the same
+                         model and batch (load 1.7-3) gave old 1.05-1.12 vs new 1.05-1.18: on this 2-core
+                         shared CPU the difference is below the noise; tiling the vocabulary (online
+                         softmax over 2k-8k-id tiles) was slower (1.08-1.47) and was dropped.
     cache_overhead_ratio 1.022 [1.02 - 1.13]  whole command, 16,384 tokens in 24.1 s: teacher 23.8 s,
                          store writes 0.013 s, load + tokenize + plan + verify 0.25 s
 Store figures are identical run to run (fixed seeds and step count); the timing ratios move by a few
