@@ -45,6 +45,13 @@ earlier runs that timed the variants the same way, or one after another in separ
     offline_speedup    3.0   [1.7 - 2.2]    (> 1)              the teacher forward + top-k outweigh the step
     time_ratio_dense   0.83  [0.92 - 0.94]  full-vocabulary chunked path (other bucket + CE mix + smoothing)
     memory_ratio_dense 0.456 [0.456]        393 MB vs 860 MB
+    (Re-run with the first_lora variant, load ~2: time_ratio 0.255, memory_ratio 0.206, offline_speedup 4.3,
+    dense 0.845 / 0.456: the same picture.)
+    lora_time_ratio    0.746   LoRA r=16 `first` step 0.26 s vs 0.35 s for full fine-tuning
+    lora_memory_ratio  0.656   116 MB vs 177 MB transient step memory (no weight gradients)
+    lora_state_ratio   0.344   73 MB vs 212 MB held between steps (weights + AdamW moments); at this toy size
+                               the frozen weights dominate; for an 8B student in bf16 it is ~16 GB + adapters
+                               vs ~130 GB
 Absolute seconds on that shared machine are 2-5x a quiet machine's; the ratios are what to compare.
 CUDA was not measured (no GPU was available when this was written); the script runs it when present.
 """
