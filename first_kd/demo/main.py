@@ -1,6 +1,6 @@
 """`first-kd demo`: the options of every suite (DemoConfig) and the dispatch to the chosen suite.
 
-Each suite is a module of this package (calibration, reasoning) with the same four public names:
+Each suite is a module of this package (calibration, reasoning, system2) with the same four public names:
 DEFAULTS (its values of the suite-dependent options), check_options(cfg) (its own option checks),
 run(cfg) (the suite on a resolved DemoConfig) and the task and pipeline it describes. They share
 first_kd.demo.runner, and every step they take is a public command run through first_kd.cli.main.
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from first_kd.config import option
-from first_kd.demo import calibration, reasoning
+from first_kd.demo import calibration, reasoning, system2
 from first_kd.demo.runner import require
 from first_kd.errors import FirstKDError
 
 # --suite NAME -> the module that runs it.
-SUITE_MODULES = {"calibration": calibration, "reasoning": reasoning}
+SUITE_MODULES = {"calibration": calibration, "reasoning": reasoning, "system2": system2}
 SUITES = tuple(SUITE_MODULES)
 # Options whose default depends on the suite: None in a config means "the suite's default". An option
 # that only one suite has is refused with the other (it would silently do nothing).
@@ -36,10 +36,11 @@ def suite_option(name: str, help: str):
 class DemoConfig:
     out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
                                            "runs, evaluations, report.md, report.json, commands.sh)")
-    suite: Literal["calibration", "reasoning"] = option(
+    suite: Literal["calibration", "reasoning", "system2"] = option(
         "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo/calibration.py); "
                             "reasoning: teacher-written rationales, self-consistency filtering and fast/slow "
-                            "trace dropping on multi-digit addition (first_kd/demo/reasoning.py)")
+                            "trace dropping on multi-digit addition (first_kd/demo/reasoning.py); system2: System-2 "
+                            "distillation of a Rephrase-and-Respond program on coin flips (first_kd/demo/system2.py)")
     seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
     # --- the task -----------------------------------------------------------------------------------
     n_items: Optional[int] = suite_option("n_items", "calibration: objects in the made-up world (their hidden "
@@ -50,10 +51,12 @@ class DemoConfig:
         "teacher_eps", "calibration: label noise of the teacher's own fine-tuning split; 0 = a teacher that knows "
                        "the rule (a tiny teacher that memorises noisy labels loses the rule: see first_kd/demo/calibration.py)")
     digits: Optional[int] = suite_option("digits", "reasoning: digits of each addend")
+    people: Optional[int] = suite_option("people", "system2: people in each coin-flip question (the answer is "
+                                                    "the parity of their flips)")
     n_teacher: Optional[int] = suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
                                                           "the students)")
     n_train: Optional[int] = suite_option("n_train", "questions the students are trained on")
-    n_val: Optional[int] = suite_option("n_val", "held-out questions the temperature is fitted on")
+    n_val: Optional[int] = suite_option("n_val", "held-out questions the temperature is fitted on (not system2)")
     n_test: Optional[int] = suite_option("n_test", "held-out questions every reported number is measured on")
     vocab_size: Optional[int] = suite_option("vocab_size", "BPE vocabulary size of the tokenizer trained on the task")
     # --- the models ---------------------------------------------------------------------------------
@@ -74,10 +77,11 @@ class DemoConfig:
     form: Literal["prob", "logit"] = option("prob", help="temperature form fitted by `first-kd calibrate` "
                                                          "(prob: FIRST's softmax(p / c))")
     # --- the reasoning suite's teacher-written targets ------------------------------------------------
-    samples: Optional[int] = suite_option("samples", "reasoning: rationales the teacher writes per train question")
+    samples: Optional[int] = suite_option("samples", "reasoning, system2: rationales (program runs) the teacher "
+                                                      "writes per train question")
     sample_temperature: Optional[float] = suite_option("sample_temperature",
-                                                        "reasoning: sampling temperature of those rationales")
-    agreement: Optional[float] = suite_option("agreement", "reasoning: self-consistency threshold (share of the "
+                                                        "reasoning, system2: sampling temperature of those rationales")
+    agreement: Optional[float] = suite_option("agreement", "reasoning, system2: self-consistency threshold (share of the "
                                                             "samples that must give the majority answer)")
     max_per_question: Optional[int] = suite_option("max_per_question", "reasoning: correct rationales kept per "
                                                                         "question (Fine-tune-CoT)")
@@ -101,11 +105,13 @@ class DemoConfig:
                          if k not in SUITE_DEFAULTS[self.suite] and getattr(self, k) is not None)
         if foreign:
             flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
-            other = next(s for s in SUITES if s != self.suite)
+            other = next(s for s in SUITES if foreign[0] in SUITE_DEFAULTS[s])
             raise FirstKDError(f"{flags} belong(s) to --suite {other}, not {self.suite}: drop it or set --suite {other}")
         r = self.resolved()
+        # A suite without a split (system2 has no val) leaves its size None.
+        sizes = [v for v in (r.n_teacher, r.n_train, r.n_val, r.n_test) if v is not None]
         checks = [
-            (min(r.n_teacher, r.n_train, r.n_val, r.n_test) >= 1,
+            (min(sizes) >= 1,
              "--n-teacher, --n-train, --n-val and --n-test must all be >= 1"),
             (r.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {r.vocab_size}"),
             (min(r.teacher_hidden, r.teacher_layers, r.student_hidden, r.student_layers, r.heads) >= 1,
