@@ -313,13 +313,14 @@ def demo_markdown(report: dict) -> str:
     for key, which in (("", "program runs (System 2)"), ("_s1", "direct answers (System 1, the control)")):
         rep, generated = results.get("filter" + key) or {}, results.get("generated" + key) or {}
         if generated.get("accuracy") is not None:
-            lines.append(f"- the teacher's {which} on train: {generated['samples']:,} for {generated['questions']:,} "
-                         f"questions at temperature {cfg['sample_temperature']:g}, accuracy {generated['accuracy']:.4f} "
-                         f"per sample (gold read by this report only)")
+            lines.append(f"- the teacher's {which} on train: {generated['samples']:,} for "
+                         f"{generated['questions']:,} questions at temperature {cfg['sample_temperature']:g}, "
+                         f"accuracy {generated['accuracy']:.4f} per sample (gold read by this report only)")
         pseudo = rep.get("pseudo_labels")
         if pseudo:
-            lines.append(f"- self-consistency over them kept {pseudo['n_kept']}/{pseudo['n_all']} questions; pseudo-label "
-                         f"accuracy {pseudo['accuracy_kept']:.4f} kept vs {pseudo['accuracy_all']:.4f} all")
+            lines.append(f"- self-consistency over them kept {pseudo['n_kept']}/{pseudo['n_all']} questions; "
+                         f"pseudo-label accuracy {pseudo['accuracy_kept']:.4f} kept vs "
+                         f"{pseudo['accuracy_all']:.4f} all")
     lines += ["", "| Check | Value | Holds |", "|:---|---:|:---|",
               *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
               "", f"Wall time {report['wall_seconds']:.0f} s; every command is in [commands.sh](commands.sh).", ""]
