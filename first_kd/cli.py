@@ -35,7 +35,8 @@ COMMANDS = {
     "report": ("first_kd.commands.report", "ReportConfig", "run_report",
                "collect evaluation runs into report.md / report.json with reliability figures"),
     "demo": ("first_kd.demo.main", "DemoConfig", "run_demo",
-             "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written rationales"),
+             "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written "
+             "rationales, --suite system2 for System-2 distillation of a prompt program"),
 }
 
 
