@@ -16,8 +16,8 @@ rephrasing the question as the coin's side after each person, then answering:
 
 Why the program makes the difference: the direct answer is the parity of `people` bits spread over the
 question, which a small model must compute inside the forward pass of one token; parity is the textbook
-function gradient descent finds slowly, and a small transformer trained on a few thousand questions mostly
-does not find it. In the rephrasing every side is the previous side, written just before, flipped or not by
+function gradient descent finds slowly: a small model sits at chance for hundreds of steps before it finds
+it, if it does within its budget (measured over three seeds: docs/demo-system2-results.md). In the rephrasing every side is the previous side, written just before, flipped or not by
 one sentence of the question: a lookup, the same reason the reasoning suite's trace helps with carries. The
 program's output is longer, which is the cost System-2 distillation removes.
 
