@@ -77,7 +77,7 @@ def test_vllm_store_matches_hf_and_feeds_the_other_commands(world, name):
     both = hf["topk_ids"] == vl["topk_ids"]
     assert same_set.mean() >= 0.999, same_set.mean()
     assert np.abs(p_hf - p_vl)[both].max() <= 1e-3
-    assert p_hf[:, 0].mean() > 0.05  # the teacher is not uniform, so the agreement says something
+    assert p_hf[:, 0].mean() > 0.02  # 10x uniform (0.002): the agreement says something
 
     engine = dict(zarr.open_group(str(out), mode="r").attrs)["teacher"]["engine"]
     assert engine["name"] == "vllm" and engine["version"] == vllm.__version__

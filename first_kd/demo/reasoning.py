@@ -69,8 +69,8 @@ from first_kd import metrics
 from first_kd.data.rationale import with_cue
 from first_kd.data.traces import parse_levels
 from first_kd.demo import runner
-from first_kd.demo.runner import (Step, calibrated_from, check_lines, finish, read_json, require, run_facts, run_steps,
-                                  store_complete, teacher_step, write_jsonl)
+from first_kd.demo.runner import (Step, calibrated_from, check_lines, finish_with_checks, read_json, require,
+                                  run_steps, store_complete, teacher_step, write_jsonl)
 from first_kd.errors import FirstKDError
 
 CUE = "Let's think step by step."
@@ -405,13 +405,4 @@ def run(cfg) -> int:
     """`first-kd demo --suite reasoning` with a resolved DemoConfig (first_kd.demo.main)."""
     lay = Layout(cfg.out)
     _, timings = run_steps(cfg, lay, pipeline(cfg, lay), lambda: build_inputs(cfg, lay))
-
-    report = read_json(lay.root / "report.json")
-    report["results"] = collect(lay)
-    report.update(run_facts(cfg, lay, timings))
-    try:
-        report["checks"] = claims(report["results"])
-    except (KeyError, TypeError) as e:
-        raise FirstKDError(f"an evaluation in {lay.evals} lacks a metric the checks need ({e}); delete it and "
-                           "re-run the demo with the same options") from None
-    return finish(lay, report, demo_markdown(report), summary_text(report))
+    return finish_with_checks(cfg, lay, timings, collect(lay), claims, demo_markdown, summary_text)

@@ -228,3 +228,18 @@ def finish(lay: Layout, report: dict, markdown: str, summary: str) -> int:
         f.write("\n" + markdown)
     print(summary, flush=True)
     return 0
+
+
+def finish_with_checks(cfg, lay, timings: dict, results: dict, claims: Callable, markdown: Callable,
+                       summary: Callable) -> int:
+    """The end of a suite whose checks read its collected `results`: report.json gains the results, the run's
+    facts and the checks, then `finish`. A missing metric is one line naming the evaluations folder."""
+    report = read_json(lay.root / "report.json")
+    report["results"] = results
+    report.update(run_facts(cfg, lay, timings))
+    try:
+        report["checks"] = claims(report["results"])
+    except (KeyError, TypeError) as e:
+        raise FirstKDError(f"an evaluation in {lay.evals} lacks a metric the checks need ({e}); delete it and "
+                           "re-run the demo with the same options") from None
+    return finish(lay, report, markdown(report), summary(report))
