@@ -53,8 +53,9 @@ import random
 from pathlib import Path
 
 from first_kd import metrics
-from first_kd.demo.runner import (Layout, Step, calibrated_from, check_lines, finish, read_json, require, run_facts,
-                                  run_steps, store_complete, store_temperature, teacher_step, write_jsonl)
+from first_kd.demo.runner import (Layout, Step, calibrated_from, check_lines, checks_table, finish, read_json, require,
+                                  run_facts, run_steps, store_complete, store_temperature, teacher_step, text_table,
+                                  where_line, write_jsonl)
 from first_kd.errors import FirstKDError
 
 LETTERS = "ABCDE"
@@ -355,8 +356,7 @@ def demo_markdown(report: dict) -> str:
         f"{bayes['n']:,} test questions it scores accuracy {bayes['accuracy']:.4f}, ECE {bayes['ece']:.4f}, "
         f"Brier {bayes['brier']:.4f}, NLL {bayes['nll']:.4f}. See first_kd/demo/calibration.py for why this is a fair test.",
         "",
-        "| Check | Value | Holds |", "|:---|---:|:---|",
-        *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
+        *checks_table(report["checks"]),
         "",
         f"Training store: {store['n_positions']:,} target positions, {store['bytes_per_position']:.2f} bytes per "
         f"position for the top-{store['k']} payload ({store['bytes_per_position_total']:.2f} with the prompts), "
@@ -379,10 +379,7 @@ def summary_text(report: dict) -> str:
         if not m:
             continue
         rows.append((label, *(f"{m[k]:.4f}" if m.get(k) is not None else "n/a" for k in scores)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["", f"first-kd demo: {report['title']} -> {report['out']}"]
-    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in rows]
+    lines = ["", f"first-kd demo: {report['title']} -> {report['out']}", *text_table(rows)]
     t = report["temperature"]
     store = report["store"]
     symbol = "c" if t.get("form") == "prob" else "T"
@@ -391,9 +388,7 @@ def summary_text(report: dict) -> str:
     lines.append(f"  training store: {store['bytes_per_position']:.2f} bytes/position (top-{store['k']}), "
                  f"mean top-{store['k']} mass {store['mean_topk_mass']:.4f}")
     lines += check_lines(report["checks"])
-    lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
-                 f"report in {Path(report['out']) / 'report.md'}, students' val curves in "
-                 f"{Path(report['out']) / 'training.png'}")
+    lines.append(where_line(report) + f", students' val curves in {Path(report['out']) / 'training.png'}")
     return "\n".join(lines)
 
 

@@ -63,14 +63,13 @@ The story, every step a public command (DIR/commands.sh)
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from first_kd import metrics
 from first_kd.data.rationale import with_cue
 from first_kd.data.traces import parse_levels
 from first_kd.demo import runner
-from first_kd.demo.runner import (Step, calibrated_from, check_lines, finish_with_checks, read_json, require,
-                                  run_steps, store_complete, teacher_step, write_jsonl)
+from first_kd.demo.runner import (Step, calibrated_from, check_lines, checks_table, finish_with_checks, read_json,
+                                  require, run_steps, store_complete, teacher_step, text_table, where_line, write_jsonl)
 from first_kd.errors import FirstKDError
 
 CUE = "Let's think step by step."
@@ -367,8 +366,7 @@ def demo_markdown(report: dict) -> str:
     if pseudo:
         lines.append(f"- self-consistency pseudo-labels: accuracy {pseudo['accuracy_kept']:.4f} over the "
                      f"{pseudo['n_kept']} kept questions vs {pseudo['accuracy_all']:.4f} over all {pseudo['n_all']}")
-    lines += ["", "| Check | Value | Holds |", "|:---|---:|:---|",
-              *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
+    lines += ["", *checks_table(report["checks"]),
               "", f"Wall time {report['wall_seconds']:.0f} s; every command is in [commands.sh](commands.sh).", ""]
     return "\n".join(lines)
 
@@ -380,9 +378,7 @@ def summary_text(report: dict) -> str:
         for mode, r in modes.items():
             rows.append((label, mode, *(f"{r[k]:.4f}" if r.get(k) is not None else "n/a" for k in ("accuracy", "ece")),
                          f"{r['mean_generated_tokens']:.1f}" if r.get("mean_generated_tokens") is not None else "n/a"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines += ["  " + "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in rows]
+    lines += text_table(rows, left=2)
     generated = report["results"].get("generated") or {}
     if generated.get("accuracy") is not None:
         lines.append(f"  teacher samples: accuracy {generated['accuracy']:.4f} per sample ({generated['samples']:,})")
@@ -391,8 +387,7 @@ def summary_text(report: dict) -> str:
         lines.append(f"  self-consistency pseudo-labels: {pseudo['accuracy_kept']:.4f} kept ({pseudo['n_kept']}) vs "
                      f"{pseudo['accuracy_all']:.4f} all ({pseudo['n_all']})")
     lines += check_lines(report["checks"])
-    lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
-                 f"report in {Path(report['out']) / 'report.md'}")
+    lines.append(where_line(report))
     return "\n".join(lines)
 
 

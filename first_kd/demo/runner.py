@@ -215,6 +215,26 @@ def run_facts(cfg, lay: Layout, timings: dict) -> dict:
             "out": str(lay.root)}
 
 
+def text_table(rows: list[tuple], left: int = 1) -> list[str]:
+    """Rows of strings as aligned lines of the printed summary (indented 2): the first `left` columns
+    left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
+def checks_table(checks: list[dict]) -> list[str]:
+    """A suite's checks as the Markdown table of its report.md section."""
+    return ["| Check | Value | Holds |", "|:---|---:|:---|",
+            *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in checks]]
+
+
+def where_line(report: dict) -> str:
+    """The summary's last line: wall time, and where the commands and the report are."""
+    out = Path(report["out"])
+    return f"  wall time {report['wall_seconds']:.0f} s; commands in {out / 'commands.sh'}, report in {out / 'report.md'}"
+
+
 def check_lines(checks: list[dict]) -> list[str]:
     """The printed lines of a suite's checks: [ok] or [MISSED], the claim and its measured value."""
     return [f"  [{'ok' if c['ok'] else 'MISSED'}] {c['claim']} ({c['value']:.4f})" for c in checks]

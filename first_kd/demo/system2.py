@@ -57,8 +57,8 @@ from pathlib import Path
 
 from first_kd import programs
 from first_kd.demo import runner
-from first_kd.demo.runner import (Step, check_lines, finish_with_checks, read_json, require, run_steps, teacher_step,
-                                  write_jsonl)
+from first_kd.demo.runner import (Step, check_lines, checks_table, finish_with_checks, read_json, require, run_steps,
+                                  teacher_step, text_table, where_line, write_jsonl)
 from first_kd.errors import FirstKDError
 
 PROGRAM = "rar-1step"
@@ -321,8 +321,7 @@ def demo_markdown(report: dict) -> str:
             lines.append(f"- self-consistency over them kept {pseudo['n_kept']}/{pseudo['n_all']} questions; "
                          f"pseudo-label accuracy {pseudo['accuracy_kept']:.4f} kept vs "
                          f"{pseudo['accuracy_all']:.4f} all")
-    lines += ["", "| Check | Value | Holds |", "|:---|---:|:---|",
-              *[f"| {c['claim']} | {c['value']:.4f} | {'yes' if c['ok'] else '**no**'} |" for c in report["checks"]],
+    lines += ["", *checks_table(report["checks"]),
               "", f"Wall time {report['wall_seconds']:.0f} s; every command is in [commands.sh](commands.sh).", ""]
     return "\n".join(lines)
 
@@ -332,17 +331,14 @@ def summary_text(report: dict) -> str:
     rows = [("model", "accuracy", "mean tokens")]
     rows += [(label, _fmt(r["accuracy"]), _fmt(r["mean_generated_tokens"], "{:.1f}"))
              for label, r in report["results"]["models"].items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-              for r in rows]
+    lines += text_table(rows)
     for key, which in (("filter", "System 2"), ("filter_s1", "System 1")):
         pseudo = (report["results"].get(key) or {}).get("pseudo_labels")
         if pseudo:
             lines.append(f"  {which} pseudo-labels: {pseudo['accuracy_kept']:.4f} kept ({pseudo['n_kept']}) vs "
                          f"{pseudo['accuracy_all']:.4f} all ({pseudo['n_all']})")
     lines += check_lines(report["checks"])
-    lines.append(f"  wall time {report['wall_seconds']:.0f} s; commands in {Path(report['out']) / 'commands.sh'}, "
-                 f"report in {Path(report['out']) / 'report.md'}")
+    lines.append(where_line(report))
     return "\n".join(lines)
 
 
