@@ -28,6 +28,19 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a whole test module, restored after. Tiny models are fastest on one thread,
+    and two threads per process on a busy 2-core CI machine spin against each other (10x slower measured).
+    A module uses it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def torch_threads_restored():
     """torch's thread count as it was before the test (for code that sets it, like the demo's --threads)."""

@@ -36,12 +36,7 @@ from first_kd.training import StoreExamples, TeacherTargets
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one torch thread for the module
 
 
 @pytest.fixture(scope="module")

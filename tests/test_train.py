@@ -39,14 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = {"form": "prob", "value": 0.5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models are fastest on one thread, and two threads per process on a busy 2-core CI machine
-    # spin against each other (10x slower measured). Subprocesses get OMP_NUM_THREADS=1 to match.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread for the module (conftest); subprocesses get OMP_NUM_THREADS=1 to match.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +282,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(world, tmp_path, capsys):
     out = tmp_path / "killed"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"distill": dict(options, out=str(out))}))
-    # One thread like this process (fixture one_thread), so the in-process reference run reduces in
+    # One thread like this process (fixture one_torch_thread), so the in-process reference run reduces in
     # the same order; PYTHONPATH so the subprocess imports this checkout whatever the install.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "first_kd.cli", "distill", "--config", str(recipe)]
