@@ -136,7 +136,7 @@ class _Inputs:
     attrs: dict
 
 
-def _prepare(cfg: CacheConfig, tokenizer, dtype) -> Optional[_Inputs]:
+def _prepare(cfg: CacheConfig, tokenizer, dtype, engine: dict) -> Optional[_Inputs]:
     """Check --out, tokenize and fingerprint the data and the weights (main process, lock held).
 
     None when --out already holds a complete store of this very pass: the re-run is a no-op and the
@@ -146,7 +146,7 @@ def _prepare(cfg: CacheConfig, tokenizer, dtype) -> Optional[_Inputs]:
     _check_out(out, cfg.overwrite)
     tokenized, info = prepare_dataset(cfg, tokenizer)
     attrs = _plan_attrs(cfg, tokenizer, dtype, info, data_fingerprint(tokenized),
-                        weights_fingerprint(cfg.teacher, cfg.revision), _engine(cfg, dtype)[0])
+                        weights_fingerprint(cfg.teacher, cfg.revision), engine)
     if not cfg.overwrite and topk_store.is_store(out):
         old = dict(zarr.open_group(str(out), mode="r").attrs)
         if old.get("complete"):
@@ -220,8 +220,8 @@ class _Teacher:
 
 
 @contextlib.contextmanager
-def _open_teacher(cfg: CacheConfig, state, dtype, pad_id: int):
-    _, settings = _engine(cfg, dtype)
+def _open_teacher(cfg: CacheConfig, state, dtype, pad_id: int, settings: Optional[dict]):
+    """The teacher on the hf engine, or on vLLM with `settings` (from `_engine`)."""
     if settings is not None:
         from first_kd.engines import vllm as vllm_engine
 
@@ -274,18 +274,19 @@ def run_cache(cfg: CacheConfig) -> int:
                            "over the GPUs itself: run `first-kd cache` as one process (not under accelerate launch)")
     dtype = resolve_dtype(cfg.dtype, state.device)
     tokenizer = load_tokenizer(cfg.teacher, cfg.revision, cfg.trust_remote_code)
+    engine, settings = _engine(cfg, dtype)  # once: the store's record of it, and vLLM's settings
     with contextlib.ExitStack() as held:
         # Only the main process of a launch takes the lock (its other processes are its helpers, not
         # rivals) and plans; the others wait and then read the plan from the store, so every process
         # sees the same sequences.
         def lock_and_prepare():
             held.enter_context(exclusive_lock(Path(cfg.out), "cache"))
-            return _prepare(cfg, tokenizer, dtype)
+            return _prepare(cfg, tokenizer, dtype, engine)
 
         inputs = _main_then_share(state, lock_and_prepare)
         if inputs is None:
             return say_done("cache", cfg.out, "a complete top-k store") if state.is_main_process else 0
-        teacher = held.enter_context(_open_teacher(cfg, state, dtype, tokenizer.pad_token_id))
+        teacher = held.enter_context(_open_teacher(cfg, state, dtype, tokenizer.pad_token_id, settings))
         try:
             _main_then_share(state, lambda: _plan(cfg, inputs, teacher.config, teacher.vocab_size))
             crash_point("planned")
