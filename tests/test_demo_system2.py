@@ -68,9 +68,23 @@ def test_splits_are_disjoint_deterministic_and_right():
         system2.make_splits(0, 1, {"teacher": 60, "train": 10})
 
 
+def test_direct_share_teaches_the_direct_answer_on_evenly_spread_questions():
+    sizes = {"teacher": 60, "train": 30, "test": 25}
+    full, share = system2.make_splits(3, 4, sizes), system2.make_splits(3, 4, sizes, direct_share=0.25)
+    assert [r for r in share["teacher"] if r["id"].endswith("-program")] == full["teacher"][1::2]
+    assert share["train"] == full["train"] and share["test"] == full["test"]
+    direct = [int(r["id"].split("-")[1]) for r in share["teacher"] if r["id"].endswith("-direct")]
+    assert direct == list(range(3, 60, 4))  # every fourth question, each just before its program record
+    for i, r in enumerate(share["teacher"]):
+        if r["id"].endswith("-direct"):
+            assert share["teacher"][i + 1]["prompt"] == system2.program_prompt(r["prompt"])
+    with pytest.raises(FirstKDError, match="--direct-share must be in"):
+        build(DemoConfig, {"out": "x", "suite": "system2", "direct_share": 0.0001})
+
+
 def test_suite_options_resolve_and_foreign_ones_are_refused():
     r = build(DemoConfig, {"out": "x", "suite": "system2"}).resolved()
-    assert r.people == 5 and r.n_val is None and r.digits is None and r.samples == 4
+    assert r.people == 5 and r.n_val is None and r.digits is None and r.samples == 4 and r.direct_share == 0.1
     with pytest.raises(FirstKDError, match="--digits belong.*--suite reasoning"):
         build(DemoConfig, {"out": "x", "suite": "system2", "digits": 2})
     with pytest.raises(FirstKDError, match="--n-val belong.*--suite calibration"):

@@ -53,6 +53,9 @@ class DemoConfig:
     digits: Optional[int] = suite_option("digits", "reasoning: digits of each addend")
     people: Optional[int] = suite_option("people", "system2: people in each coin-flip question (the answer is "
                                                     "the parity of their flips)")
+    direct_share: Optional[float] = suite_option(
+        "direct_share", "system2: share of the teacher's questions that also teach it the direct answer (the rest "
+                        "teach only the program's rephrasing, so System 1 is the route it was barely shown)")
     n_teacher: Optional[int] = suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
                                                           "the students)")
     n_train: Optional[int] = suite_option("n_train", "questions the students are trained on")

@@ -77,7 +77,7 @@ FILTER_FAILED = ("if it kept nothing, the teacher's program runs too rarely agre
 # The suite's values of the suite-dependent options of DemoConfig (first_kd.demo.main).
 DEFAULTS = dict(people=5, n_teacher=2000, n_train=2000, n_test=400, vocab_size=400, teacher_hidden=128,
                 teacher_layers=4, student_hidden=96, student_layers=3, teacher_steps=600, teacher_lr=3e-3,
-                student_steps=700, student_lr=3e-3, samples=4, sample_temperature=1.0, agreement=0.75)
+                direct_share=0.1, student_steps=1400, student_lr=3e-3, samples=4, sample_temperature=1.0, agreement=0.75)
 
 
 def check_options(cfg) -> None:
@@ -87,6 +87,9 @@ def check_options(cfg) -> None:
         (cfg.samples >= 1, f"--samples must be >= 1; got {cfg.samples}"),
         (cfg.sample_temperature > 0 or cfg.samples == 1, "--sample-temperature must be > 0 to draw several --samples"),
         (0.0 < cfg.agreement <= 1.0, f"--agreement must be in (0, 1]; got {cfg.agreement}"),
+        (0.0 < cfg.direct_share <= 1.0 and int(cfg.direct_share * cfg.n_teacher) >= 1,
+         f"--direct-share must be in (0, 1] and leave at least one direct example in --n-teacher; got "
+         f"{cfg.direct_share} of {cfg.n_teacher}"),
     ])
 
 
@@ -121,10 +124,10 @@ def program_prompt(question: str) -> str:
     return programs.render(program.stages[0].template, {"question": question})
 
 
-def make_splits(seed: int, people: int, sizes: dict[str, int]) -> dict[str, list[dict]]:
+def make_splits(seed: int, people: int, sizes: dict[str, int], direct_share: float = 1.0) -> dict[str, list[dict]]:
     """{split: records}: `sizes[split]` distinct questions per split, no question in two splits. The teacher
-    split holds two prompt/response records per question (direct, then the program's); the others
-    question/answer records."""
+    split holds, per question, the program's prompt/response record, preceded by the direct one (bare question
+    -> answer) for a `direct_share` of them, spread evenly (every tenth at 0.1); the others hold question/answer records."""
     rng = random.Random(f"{seed}-coin-{people}")
     room = len(NAMES) ** people * 2 ** people
     if sum(sizes.values()) > room // 4:
@@ -142,9 +145,11 @@ def make_splits(seed: int, people: int, sizes: dict[str, int]) -> dict[str, list
                 continue
             seen.add(question)
             rid, count = f"{name}-{count}", count + 1
-            if name == "teacher":
+            # spread evenly over the split: the training order may shuffle within windows only
+            if name == "teacher" and int(count * direct_share) > int((count - 1) * direct_share):
                 rows.append({"id": f"{rid}-direct", "prompt": question,
                              "response": ANSWER.format(answer=coin_answer(flips))})
+            if name == "teacher":
                 rows.append({"id": f"{rid}-program", "prompt": program_prompt(question),
                              "response": rephrased(names, flips)})
             else:
@@ -240,7 +245,7 @@ def build_inputs(cfg, lay: Layout) -> dict[str, list[dict]]:
     from first_kd.tiny import build_llama, train_tokenizer
 
     sizes = {"teacher": cfg.n_teacher, "train": cfg.n_train, "test": cfg.n_test}
-    splits = make_splits(cfg.seed, cfg.people, sizes)
+    splits = make_splits(cfg.seed, cfg.people, sizes, cfg.direct_share)
     lay.data.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         if not lay.split(name).is_file():
