@@ -12,14 +12,28 @@ Stop ids are `first_kd.models.stop_token_ids` (the tokenizer's eos and the model
 
 Scoring what was written: `answer_token_span` / `decoded_token_ends` find the generated tokens whose text
 overlaps an answer's characters, and `span_logprobs` sums their log-probabilities in one teacher-forced pass.
-`mode_inputs` builds the inputs of a forced reasoning mode (the prompt followed by a [slow] / [fast] marker).
+`mode_inputs` builds the inputs of a forced reasoning mode (the prompt followed by a [slow] / [fast] marker);
+`marker_probabilities` and `choose_modes` are auto mode's decision: the model's own probability of each marker
+after the prompt, and a seeded draw between them per question.
+
+Why auto mode draws the marker instead of taking the argmax: a dual-mode student is trained on levels drawn
+independently of the problem (first_kd.data.traces), so what it learns for the first target token is
+P(fast marker | prompt) ~ the share of fast levels, the same for every prompt. Greedy decoding then picks the
+same marker for nearly every problem (whichever share is a hair larger): the reasoning demo's dual student
+(seed 0), trained 50/50, put P(slow) between 0.481 and 0.490 on all 500 test questions, so greedy went fast
+on every one and auto scored as its fast mode (0.680, against 1.000 slow; sampled, 0.824).
+Drawing the marker from those probabilities is the model's choice at temperature 1 for the first decision
+(Dualformer's auto mode samples its control token), made per question; the rest is greedy as in the forced
+modes, so an auto answer equals the forced-mode answer of the mode it chose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +43,9 @@ from first_kd.models import head_logits, last_hidden_states
 
 # Reasoning modes of `first-kd evaluate --modes`: a forced [slow] or [fast] marker, or the model's own choice.
 MODES = ("slow", "fast", "auto")
+# Auto mode draws between the markers only when the model puts at least this much mass on the two together;
+# below it the model was not trained on them and writes its answer from the prompt alone.
+MARKER_MASS = 0.5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +168,36 @@ def mode_inputs(prompt_ids: list[list[int]], mode: str, tokenizer, slow_marker: 
     forced = [] if mode == "auto" else \
         marker_prefix_ids(tokenizer, slow_marker if mode == "slow" else fast_marker, separator)
     return [list(p) + forced for p in prompt_ids], forced
+
+
+def marker_probabilities(model, prompt_ids: list[list[int]], slow_ids: list[int], fast_ids: list[int], pad_id: int,
+                         batch_size: int = 16, device=None) -> np.ndarray:
+    """[n, 2] float64: P(slow_ids | prompt), P(fast_ids | prompt) of each prompt (the whole marker prefix, so
+    markers that share their first tokens are told apart), from teacher-forced passes."""
+    n = len(prompt_ids)
+    sequences = [list(p) + slow_ids for p in prompt_ids] + [list(p) + fast_ids for p in prompt_ids]
+    spans = [(len(p), len(p) + len(slow_ids)) for p in prompt_ids] + [(len(p), len(p) + len(fast_ids))
+                                                                       for p in prompt_ids]
+    logps = np.asarray(span_logprobs(model, sequences, spans, pad_id, batch_size, device), dtype=np.float64)
+    return np.exp(logps).reshape(2, n).T
+
+
+def choose_modes(probabilities: np.ndarray, keys: Sequence[str], seed: int, sample: bool = True
+                 ) -> list[Optional[str]]:
+    """Auto mode's decision per question from `marker_probabilities` rows: "slow" with probability
+    p_slow / (p_slow + p_fast), drawn by random.Random(f"{seed}:{key}") (the same question gets the same draw
+    whatever else is evaluated), or the larger of the two with sample=False; None when p_slow + p_fast <
+    MARKER_MASS (a model not trained on the markers)."""
+    out: list[Optional[str]] = []
+    for (p_slow, p_fast), key in zip(probabilities, keys):
+        mass = p_slow + p_fast
+        if mass < MARKER_MASS:
+            out.append(None)
+        elif sample:
+            out.append("slow" if random.Random(f"{seed}:{key}").random() < p_slow / mass else "fast")
+        else:
+            out.append("slow" if p_slow >= p_fast else "fast")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from first_kd import metrics
 from first_kd.batching import length_batches, pad_right
 from first_kd.data import encode_prompts
-from first_kd.decoding import answer_token_span, decoded_token_ends, greedy_generate, mode_inputs, span_logprobs
+from first_kd.decoding import (answer_token_span, choose_modes, decoded_token_ends, greedy_generate, marker_probabilities,
+                               mode_inputs, span_logprobs)
 from first_kd.errors import FirstKDError
 from first_kd.models import head_logits, last_hidden_states, stop_token_ids
 from first_kd.temperature import teacher_target
@@ -414,27 +415,33 @@ def summarize_generation(lines: list[dict], n_bins: int = 10) -> dict:
     chosen = [x.get("chosen_mode") for x in lines]
     if any(c is not None for c in chosen):
         summary["chosen_modes"] = {c: float(np.mean([x == c for x in chosen])) for c in CHOICES}
+    shares = np.array([x["p_slow"] for x in lines if x.get("p_slow") is not None], dtype=np.float64)
+    if shares.size:  # auto mode: how the model's P(slow marker) spreads over the questions
+        summary["p_slow"] = {"mean": float(shares.mean()), "std": float(shares.std()), "min": float(shares.min()),
+                             "max": float(shares.max()), "n": int(shares.size)}
     return summary
 
 
 def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor: str, slow_marker: str = "[slow]",
                         fast_marker: str = "[fast]", separator: str = "\n", max_new_tokens: int = 256,
                         batch_size: int = 16, n_bins: int = 10, chat_template: bool = False, device=None,
-                        progress: bool = True) -> tuple[dict, list[dict]]:
+                        progress: bool = True, auto_seed: int = 0, auto_choice: str = "sample"
+                        ) -> tuple[dict, list[dict]]:
     """Generate and score every question in every mode (what is scored: `first_kd.commands.evaluate`).
 
     Per question and mode the model decodes greedily from the prompt ids (the question prompt tokenized with
     the tokenizer's special tokens, `first_kd.data.encode_prompts`) followed, in slow / fast, by the marker ids
-    it was trained to continue (`first_kd.decoding.mode_inputs`). The answer is the extractor's last match in
-    the completion; its confidence the probability of the generated tokens that spell it, from one
-    teacher-forced pass (`first_kd.decoding.span_logprobs`); no answer = incorrect with confidence 0.
+    it was trained to continue (`first_kd.decoding.mode_inputs`); in auto, by the marker the model chooses
+    (`auto_choice` "sample": drawn from its own probabilities of the two markers with `auto_seed`, per
+    question; "greedy": plain greedy decoding from the prompt, which picks the same marker for nearly every
+    question: see first_kd.decoding), written into the completion as the model's own tokens. The answer is
+    the extractor's last match in the completion; its confidence the probability of the generated tokens that
+    spell it, from one teacher-forced pass (`first_kd.decoding.span_logprobs`); no answer = incorrect with
+    confidence 0.
 
     questions: first_kd.data.rationale.Question list, each with a gold answer.
     Returns ({mode: metrics}, prediction lines: mode by mode, questions in data order within a mode).
     """
-    from first_kd.data.rationale import compile_extractor, find_answer
-
-    pattern = compile_extractor(extractor)
     missing = [q.id for q in questions if q.gold is None]
     if missing:
         raise FirstKDError(f"{len(missing)} question(s) have no gold answer (first: id {missing[0]}): evaluating "
@@ -444,32 +451,74 @@ def evaluate_generation(model, tokenizer, questions, modes: list[str], extractor
     prompts = encode_prompts(tokenizer, [q.prompt for q in questions], chat_template)
     summaries, lines = {}, []
     for mode in modes:
+        written, p_slow = [[] for _ in prompts], [None] * len(prompts)
+        if mode == "auto":  # the model's chosen marker, written as its own first tokens
+            written, p_slow = auto_decisions(model, tokenizer, prompts, [q.id for q in questions], slow_marker,
+                                             fast_marker, separator, pad_id, batch_size, device, auto_seed,
+                                             auto_choice)
         inputs, forced = mode_inputs(prompts, mode, tokenizer, slow_marker, fast_marker, separator)
-        generated = greedy_generate(model, inputs, pad_id, eos_ids, max_new_tokens, batch_size, device, progress,
-                                    desc=f"generating ({mode})")
-        mode_lines, to_score = [], []
-        for q, x, gen in zip(questions, inputs, generated):
-            finished = bool(gen) and gen[-1] in eos_ids
-            text_ids = gen[:-1] if finished else gen
-            completion = tokenizer.decode(text_ids, skip_special_tokens=True)
-            found = find_answer(completion, pattern)
-            span = None
-            if found is not None:
-                span = answer_token_span(decoded_token_ends(tokenizer, text_ids), found[1], found[2])
-            line = {"id": q.id, "mode": mode, "completion": completion, "answer": found[0] if found else None,
-                    "gold": q.gold, "correct": bool(found and span and found[0] == q.gold), "confidence": 0.0,
-                    "n_generated_tokens": len(gen), "finished": finished,
-                    "chosen_mode": completion_mode(completion, slow_marker, fast_marker) if mode == "auto" else None,
-                    "forced_ids": forced, "completion_ids": gen, "answer_tokens": list(span) if span else None}
-            if span is not None:
-                to_score.append((len(mode_lines), x + gen, (len(x) + span[0], len(x) + span[1])))
-            mode_lines.append(line)
-        if to_score:
-            logps = span_logprobs(model, [s for _, s, _ in to_score], [p for _, _, p in to_score], pad_id,
-                                  batch_size, device)
-            for (k, _, _), logp in zip(to_score, logps):
-                mode_lines[k]["confidence"] = float(min(1.0, np.exp(logp)))
+        budget = max_new_tokens - min(len(w) for w in written)
+        generated = greedy_generate(model, [x + w for x, w in zip(inputs, written)], pad_id, eos_ids, budget,
+                                    batch_size, device, progress, desc=f"generating ({mode})")
+        generated = [w + g[: max_new_tokens - len(w)] for w, g in zip(written, generated)]
+        mode_lines = score_completions(model, tokenizer, questions, prompts, generated, mode, forced, extractor,
+                                       eos_ids, pad_id, batch_size, device, slow_marker, fast_marker)
+        for line, p in zip(mode_lines, p_slow):
+            if mode == "auto":
+                line["p_slow"] = p
         summaries[mode] = summarize_generation(mode_lines, n_bins)
         summaries[mode]["mode"] = mode
         lines += mode_lines
     return summaries, lines
+
+
+def auto_decisions(model, tokenizer, prompts: list[list[int]], keys: list[str], slow_marker: str, fast_marker: str,
+                   separator: str, pad_id: int, batch_size: int, device, seed: int, choice: str
+                   ) -> tuple[list[list[int]], list[Optional[float]]]:
+    """Auto mode's marker per question: (the marker ids the model writes first, [] when it does not choose
+    one: a model without markers, or `choice` "greedy", where decoding decides; P(slow) / (P(slow) + P(fast))
+    per question, None below first_kd.decoding.MARKER_MASS)."""
+    from first_kd.data.traces import marker_prefix_ids
+
+    ids = {m: marker_prefix_ids(tokenizer, marker, separator) for m, marker in (("slow", slow_marker),
+                                                                                   ("fast", fast_marker))}
+    probs = marker_probabilities(model, prompts, ids["slow"], ids["fast"], pad_id, batch_size, device)
+    chosen = choose_modes(probs, keys, seed, sample=True)
+    shares = [float(p[0] / p.sum()) if c is not None else None for p, c in zip(probs, chosen)]
+    if choice == "greedy":
+        return [[] for _ in prompts], shares
+    return [ids[c] if c is not None else [] for c in chosen], shares
+
+
+def score_completions(model, tokenizer, questions, prompts: list[list[int]], generated: list[list[int]], mode: str,
+                      forced: list[int], extractor: str, eos_ids, pad_id: int, batch_size: int, device,
+                      slow_marker: str, fast_marker: str) -> list[dict]:
+    """The prediction lines of one mode: each completion's answer, correctness and confidence (the answer
+    tokens' probability given prompt + forced ids + completion, one teacher-forced pass)."""
+    from first_kd.data.rationale import compile_extractor, find_answer
+
+    pattern = compile_extractor(extractor)
+    mode_lines, to_score = [], []
+    for q, prompt, gen in zip(questions, prompts, generated):
+        x = prompt + forced
+        finished = bool(gen) and gen[-1] in eos_ids
+        text_ids = gen[:-1] if finished else gen
+        completion = tokenizer.decode(text_ids, skip_special_tokens=True)
+        found = find_answer(completion, pattern)
+        span = None
+        if found is not None:
+            span = answer_token_span(decoded_token_ends(tokenizer, text_ids), found[1], found[2])
+        line = {"id": q.id, "mode": mode, "completion": completion, "answer": found[0] if found else None,
+                "gold": q.gold, "correct": bool(found and span and found[0] == q.gold), "confidence": 0.0,
+                "n_generated_tokens": len(gen), "finished": finished,
+                "chosen_mode": completion_mode(completion, slow_marker, fast_marker) if mode == "auto" else None,
+                "forced_ids": forced, "completion_ids": gen, "answer_tokens": list(span) if span else None}
+        if span is not None:
+            to_score.append((len(mode_lines), x + gen, (len(x) + span[0], len(x) + span[1])))
+        mode_lines.append(line)
+    if to_score:
+        logps = span_logprobs(model, [s for _, s, _ in to_score], [p for _, _, p in to_score], pad_id,
+                              batch_size, device)
+        for (k, _, _), logp in zip(to_score, logps):
+            mode_lines[k]["confidence"] = float(min(1.0, np.exp(logp)))
+    return mode_lines

@@ -325,3 +325,45 @@ def test_a_failed_write_keeps_the_finished_evaluation(trained, tmp_path, capsys,
     assert "No space left" in errors[0] and "reliability.png" in errors[0], err
     assert file_bytes(out) == before  # metrics, predictions and every figure of the finished evaluation
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
+
+
+# ----------------------------------------------------------------------------------------------
+# auto mode's decision: the model's own marker probabilities, drawn per question
+
+
+def test_choose_modes_draws_each_marker_at_the_models_rate():
+    keys = [f"q{i}" for i in range(4000)]
+    probs = np.tile([[0.27, 0.63]], (len(keys), 1))  # P(slow) share 0.3
+    drawn = decoding.choose_modes(probs, keys, seed=0)
+    share = np.mean([c == "slow" for c in drawn])
+    assert abs(share - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(keys))  # a binomial draw: 4 standard errors
+    assert decoding.choose_modes(probs, keys, seed=0) == drawn  # reproducible
+    assert decoding.choose_modes(probs, keys, seed=1) != drawn  # the seed matters
+    # a question's draw depends on its id and the seed only, not on the other questions evaluated
+    assert decoding.choose_modes(probs[::-1][:7], keys[::-1][:7], seed=0) == drawn[::-1][:7]
+    assert decoding.choose_modes(probs[:3], keys[:3], seed=0, sample=False) == ["fast"] * 3  # the argmax
+    assert decoding.choose_modes(np.array([[0.2, 0.25], [0.0, 1.0], [1.0, 0.0]]), ["a", "b", "c"], 0) == \
+        [None, "fast", "slow"]  # under MARKER_MASS: no marker chosen; certain ones always drawn
+
+
+def test_marker_probabilities_are_the_markers_chance_in_a_plain_forward(trained):
+    tok, model = trained["tok"], trained["model"]
+    prompts = encode_prompts(tok, [f"Question: {q['question']}\nAnswer: {CUE}" for q in trained["questions"]])
+    slow, fast = (marker_prefix_ids(tok, m, "\n") for m in ("[slow]", "[fast]"))
+    got = decoding.marker_probabilities(model, prompts, slow, fast, tok.pad_token_id, batch_size=3)
+    for p, row in zip(prompts, got):
+        for ids, value in zip((slow, fast), row):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([p + ids])).logits[0].double(), -1)
+            oracle = float(np.exp(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(ids))))
+            assert value == pytest.approx(oracle, rel=1e-4, abs=1e-9)
+    # trained on both variants of every question: nearly all its mass on the two markers
+    assert np.all(got.sum(1) > decoding.MARKER_MASS)
+
+
+def test_auto_lines_carry_the_models_share_of_slow(trained):
+    auto = [x for x in trained["lines"] if x["mode"] == "auto"]
+    assert all(0.0 <= x["p_slow"] <= 1.0 for x in auto)
+    s = trained["metrics"]["modes"]["auto"]["p_slow"]
+    assert s["n"] == len(auto) and s["mean"] == pytest.approx(np.mean([x["p_slow"] for x in auto]))
+    assert s["min"] <= s["mean"] <= s["max"] and "p_slow" not in trained["metrics"]["modes"]["slow"]

@@ -41,8 +41,14 @@ Per question and mode the model decodes greedily from
     newline by default), tokenized on their own exactly as `first_kd.data.traces.marker_prefix_ids` makes them
     for training (first_kd.data with --trace-levels), so the forced start is token for token what the
     model learnt to continue (first_kd.decoding.mode_inputs);
-  * auto: the prompt ids only: a model trained on both markers picks one (its completion's first text
-    tells which: `first_kd.scoring.completion_mode`), a model trained without markers just answers.
+  * auto: the model chooses. With --auto-choice sample (the default) its marker is drawn from its own
+    probabilities of the two marker prefixes after the prompt (first_kd.decoding.marker_probabilities /
+    choose_modes; per question, seeded by --auto-seed and the question id), written as the completion's
+    first tokens, and the rest decoded greedily: an auto answer is the forced-mode answer of the mode it
+    drew. --auto-choice greedy decodes greedily from the prompt ids alone (the argmax marker: the same one for
+    nearly every question, since the training levels are drawn independently of the question; see
+    first_kd/decoding.py). A model trained without markers (under 0.5 of its mass on the two) just answers.
+    The completion's first text tells which mode was taken (`first_kd.scoring.completion_mode`).
 The prompt ids are the question prompt (first_kd.data.rationale.load_questions: it ends with the reasoning
 cue) tokenized WITH the tokenizer's special tokens, as first_kd.data tokenizes training prompts.
 
@@ -58,13 +64,15 @@ tokens      generated tokens including eos, excluding the forced marker (in auto
 
 Per mode: accuracy, ECE, MCE (equal-width bins), Brier of the binary correct-vs-confidence, mean
 confidence, n, mean_generated_tokens, no_answer_rate, finished_rate (eos before --max-new-tokens) and,
-for auto, the fractions of completions that chose each marker ("chosen_modes": slow / fast / none).
+for auto, the fractions of completions that chose each marker ("chosen_modes": slow / fast / none) and the
+spread of the model's P(slow) / (P(slow) + P(fast)) over the questions ("p_slow": mean, std, min, max, n).
 There is no NLL: the gold answer's likelihood is not what a free-running completion measures.
 
 A prediction line: {"id", "mode", "completion" (decoded, special tokens skipped, up to eos), "answer"
 (normalised or null), "gold", "correct", "confidence", "n_generated_tokens", "finished" (eos reached),
-"chosen_mode" (auto: slow / fast / none; null for forced modes), "forced_ids" (the marker ids forced
-after the prompt), "completion_ids" (generated ids, eos included), "answer_tokens" ([first, last) into
+"chosen_mode" (auto: slow / fast / none; null for forced modes), "p_slow" (auto only: the model's share
+of slow between the two markers, null for a model without them), "forced_ids" (the marker ids forced
+after the prompt: [] in auto, where the chosen marker's ids open completion_ids), "completion_ids" (generated ids, eos included), "answer_tokens" ([first, last) into
 completion_ids, or null)}: enough to recompute any confidence with a plain forward pass.
 
 Outputs in --out: predictions.jsonl (one line per question and mode), reliability-MODE.png per mode,
@@ -99,7 +107,7 @@ _GENERIC_DIR_NAMES = {"model", "final", "checkpoint", "checkpoints", "store"}
 # Options that change how an evaluation runs, is named or where it goes, not what it measures.
 SETTINGS_FREE = ("out", "label", "batch_size", "overwrite", "trust_remote_code")
 # Options that only generated answers (--modes) use.
-MODES_ONLY = ("max_new_tokens", "cue", "extractor", "qa_template")
+MODES_ONLY = ("max_new_tokens", "cue", "extractor", "qa_template", "auto_seed", "auto_choice")
 
 
 @dataclasses.dataclass
@@ -121,6 +129,12 @@ class EvaluateConfig(ModelOptions, RationaleConfig):
                  "marker, fast = forced [fast] marker, auto = the model picks; needs --model and question data "
                  "with answers (default: none, score the given targets)")
     max_new_tokens: int = option(256, help="with --modes: most tokens generated per answer")
+    auto_choice: Literal["sample", "greedy"] = option(
+        "sample", help="with --modes auto: how the model's choice of marker is read: sample = drawn from its own "
+                       "probabilities of [slow] and [fast] after the prompt, per question; greedy = plain greedy "
+                       "decoding, which picks the same marker for nearly every question (see first_kd/decoding.py)")
+    auto_seed: int = option(0, help="with --modes auto: seed of the marker draws (a question's draw depends only on "
+                                    "this seed and its id)")
     overwrite: bool = option(False, help="replace an evaluation in --out made with other settings or inputs "
                                          "(the same command on a finished evaluation is a no-op)")
 
@@ -345,7 +359,8 @@ def _measure_generation(cfg: EvaluateConfig) -> tuple[dict, list[dict]]:
     model = load_model(cfg.model, dtype, device, cfg.revision, cfg.trust_remote_code)
     summaries, lines = evaluate_generation(
         model, tokenizer, questions, cfg.modes, cfg.extractor, cfg.slow_marker, cfg.fast_marker,
-        unescape(cfg.step_separator), cfg.max_new_tokens, cfg.batch_size, cfg.n_bins, cfg.chat_template, device)
+        unescape(cfg.step_separator), cfg.max_new_tokens, cfg.batch_size, cfg.n_bins, cfg.chat_template, device,
+        auto_seed=cfg.auto_seed, auto_choice=cfg.auto_choice)
     summary = {**summaries[cfg.modes[0]], "model": cfg.model, "data": cfg.data, "split": cfg.split,
                "source": "model", "dtype": str(dtype).replace("torch.", ""), "temperature": None,
                "extractor": cfg.extractor, "cue": cfg.cue, "max_new_tokens": cfg.max_new_tokens, "modes": summaries}
