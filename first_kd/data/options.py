@@ -1,6 +1,7 @@
 """The data options (`DataConfig`: where records come from and how they become prompts and targets), their
 validation, and how their typed values are read: a template typed on a command line (`unescape`,
-`check_template`) and the drop levels of --trace-levels (`drop_levels`).
+`check_template`), the drop levels of --trace-levels (`drop_levels`) and the spec and level probabilities of
+--trace-spec / --trace-probs (`trace_spec_of`).
 
 Every command that reads records (cache, distill, evaluate, generate, filter) takes these options, so they
 and their checks are written once here; first_kd.data.rationale extends them for rationale prompts.
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from first_kd.config import option
-from first_kd.data.traces import parse_levels
+from first_kd.data.trace_spec import load_trace_spec
+from first_kd.data.traces import TraceSpec, parse_levels, parse_probs
 from first_kd.errors import FirstKDError
 
 AUTO_PREFIX = "auto"  # --answer-prefix value: find each letter's token after the prompt, in context
@@ -66,7 +68,17 @@ class DataConfig:
         None, help="materialise each response as seeded variants, one per drop level, e.g. '0,0.5,1': 0 = the "
                    "full trace, 0.5 = half its steps dropped, 1 = no trace (answer only); the last step is the "
                    "answer and is always kept (see first_kd/data/traces.py)")
-    trace_seed: int = option(0, help="seed of which steps each variant drops")
+    trace_spec: Optional[str] = option(
+        None, help="drop parts of each response's trace by structure, Dualformer-style: a built-in spec (astar: "
+                   "A* create/close clauses then plan lines; steps: reasoning lines then the answer line) or a "
+                   "YAML file (format: first_kd/data/trace_spec.py). Each example's level is drawn again every "
+                   "epoch, so it is for `distill --data` only (cache and distill --store need fixed variants: "
+                   "--trace-levels)")
+    trace_probs: Optional[str] = option(
+        None, help="the --trace-spec levels' probabilities, comma-separated in the spec's order (one per level, "
+                   ">= 0, summing to 1), e.g. 0.5,0.1,0.1,0.1,0.2; default: the spec's own")
+    trace_seed: int = option(0, help="seed of which steps each variant drops (--trace-levels), and of each example's "
+                                     "level and drops in each epoch (--trace-spec)")
     step_separator: str = option("\n", help="what separates the steps of a response (a typed \\n is a newline)")
     slow_marker: str = option("[slow]", help="control marker opening a response that shows (part of) its trace")
     fast_marker: str = option("[fast]", help="control marker opening a response that gives the answer only")
@@ -75,6 +87,12 @@ class DataConfig:
         """One-line error for a command that cannot run without --data."""
         if not self.data:
             raise FirstKDError("missing --data (a jsonl/json/parquet/csv file, a save_to_disk dir or a hub dataset)")
+
+    def refuse_trace_spec(self, why: str, fix: str) -> None:
+        """One-line error when --trace-spec is set where targets must be fixed token sequences (a store's):
+        `why` says where and why, `fix` what to do (--trace-levels materialises fixed variants)."""
+        if self.trace_spec:
+            raise FirstKDError(f"--trace-spec draws each example's trace again every epoch, but {why}: {fix}")
 
     def validate(self) -> None:
         if self.max_length < 2:
@@ -116,8 +134,33 @@ def drop_levels(cfg: DataConfig) -> Optional[list[float]]:
         raise FirstKDError(f"--trace-levels {cfg.trace_levels!r}: {e}") from None
 
 
+def trace_spec_of(cfg: DataConfig) -> Optional[tuple[TraceSpec, list[float]]]:
+    """(the spec of --trace-spec, its level probabilities: --trace-probs or the spec's own), or None without
+    --trace-spec; a bad spec or list is a one-line FirstKDError."""
+    if not cfg.trace_spec:
+        if cfg.trace_probs is not None:
+            raise FirstKDError("--trace-probs sets the probabilities of --trace-spec levels: add --trace-spec "
+                               "(astar, steps or a YAML file) or drop --trace-probs")
+        return None
+    spec = load_trace_spec(cfg.trace_spec)
+    if cfg.trace_probs is None:
+        return spec, spec.default_probs
+    try:
+        return spec, parse_probs(cfg.trace_probs, spec.level_names)
+    except ValueError as e:
+        raise FirstKDError(f"--trace-probs {cfg.trace_probs!r}: {e}") from None
+
+
 def _check_trace_options(cfg: DataConfig) -> None:
+    if cfg.trace_spec and cfg.trace_levels is not None:
+        raise FirstKDError("--trace-spec and --trace-levels both drop trace steps: give one (--trace-spec draws a "
+                           "level per example every epoch; --trace-levels materialises fixed variants)")
     drop_levels(cfg)
+    found = trace_spec_of(cfg)
+    if found is not None and found[0].separator is not None and found[0].separator != unescape(cfg.step_separator):
+        raise FirstKDError(f"trace spec {found[0].name} separates steps with {found[0].separator!r} but "
+                           f"--step-separator is {unescape(cfg.step_separator)!r}: drop --step-separator (evaluate "
+                           f"--modes forces the marker + --step-separator, so the two must agree)")
     if not unescape(cfg.step_separator):
         raise FirstKDError("--step-separator is empty: give what separates the steps (default a newline, typed \\n)")
     for flag, marker in (("--slow-marker", cfg.slow_marker), ("--fast-marker", cfg.fast_marker)):
