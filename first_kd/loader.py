@@ -26,8 +26,10 @@ Item s depends on (examples, plan, s, process) alone, so a resumed run starts th
 reads exactly the batches an uninterrupted run reads from there, and the number of workers (each computes
 the same epoch orders) never changes a batch.
 
-Examples are what first_kd.training provides (StoreExamples, DataExamples): `len`, `[i]`, `targets` (the
-teacher distribution's callable, or None), `lengths()` and `read_blocks()` (None: in memory, no blocks).
+Examples are what first_kd.training provides (StoreExamples, DataExamples): `len`, `example(i, epoch)` (example
+i as read in that epoch: a --trace-spec target is drawn again every epoch; collections without it are read with
+`[i]`), `targets` (the teacher distribution's callable, or None), `lengths()` and `read_blocks()` (None: in
+memory, no blocks).
 """
 
 from __future__ import annotations
@@ -157,8 +159,11 @@ class StepBatches(torch.utils.data.Dataset):
         if not 0 <= step < len(self):
             raise IndexError(step)
         mine, b = self.step_indices(int(step)), self.plan.batch_size
+        epoch = int(step) // self.plan.steps_per_epoch
+        fetch = getattr(self.examples, "example", None)
+        read = (lambda i: fetch(int(i), epoch)) if fetch is not None else (lambda i: self.examples[i])
         targets = getattr(self.examples, "targets", None)
-        return [collate([self.examples[i] for i in mine[j: j + b]], self.pad_id, self.use_teacher, targets)
+        return [collate([read(i) for i in mine[j: j + b]], self.pad_id, self.use_teacher, targets)
                 for j in range(0, len(mine), b)]
 
 

@@ -4,9 +4,10 @@
 does one job and knows nothing of options, run directories or processes:
 
     examples      StoreExamples (a teacher store as read, with the teacher distribution to compute per
-                  batch: TeacherTargets), DataExamples (tokenized records from first_kd.data), Prefix (the
-                  first n of either); batched by first_kd.batching.collate, read in training order by
-                  first_kd.loader
+                  batch: TeacherTargets), DataExamples (tokenized records from first_kd.data; with --trace-spec
+                  a target drawn again every epoch), Prefix (the first n of either); batched by
+                  first_kd.batching.collate, read in training order by first_kd.loader, which asks each
+                  collection for `example(i, epoch)`; `[i]` is the fixed form (epoch 0), what validation reads
     the model     target_hidden (hidden states at the target positions only, never [B, S, V] logits),
                   TargetPositionLoss (student + chunked loss as one module), param_groups (AdamW decay)
     validation    validate: held-out loss, accuracy and calibration
@@ -90,6 +91,10 @@ class StoreExamples:
             "n_choices": int(rec.get("n_choices", 0)),
         }
 
+    def example(self, i: int, epoch: int) -> dict:
+        """Example i as read in `epoch`: a store's sequences are fixed, so `self[i]`."""
+        return self[i]
+
     def lengths(self) -> np.ndarray:
         """Tokens of every example."""
         return self.store.sequence_lengths()
@@ -104,19 +109,34 @@ class StoreExamples:
 
 
 class DataExamples:
-    """Tokenized records from first_kd.data: the targets are input_ids[target_start:]."""
+    """Tokenized records from first_kd.data: the targets are input_ids[target_start:].
+
+    With `trace` (first_kd.data.TraceTargets, --trace-spec; the dataset then holds each record's epoch-0 draw
+    and its response as written), `example(i, epoch)` draws the target of that epoch again: the prompt ids are
+    the dataset's, the target a pure function of (trace seed, epoch, record id), so a resumed run, a DataLoader
+    worker or another process gets the same one. `[i]` is the dataset row as it is (the epoch-0 draw)."""
 
     targets = None  # no teacher
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, trace=None):
+        self.dataset, self.trace = dataset, trace
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
+        return self._example(self.dataset[int(i)], None)
+
+    def example(self, i: int, epoch: int) -> dict:
+        """Example i as trained on in `epoch`: with a trace spec, its target drawn for that epoch; else `self[i]`."""
         row = self.dataset[int(i)]
-        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        if self.trace is None:
+            return self._example(row, None)
+        start = int(row["target_start"])
+        return self._example(row, self.trace.input_ids(row["input_ids"][:start], row["id"], row["response"], epoch))
+
+    def _example(self, row: dict, input_ids) -> dict:
+        ids = np.asarray(row["input_ids"] if input_ids is None else input_ids, dtype=np.int64)
         return {
             "input_ids": ids,
             "target_positions": np.arange(int(row["target_start"]) - 1, len(ids) - 1, dtype=np.int64),
@@ -127,7 +147,8 @@ class DataExamples:
         }
 
     def lengths(self) -> np.ndarray:
-        """Tokens of every example (from the Arrow column, no Python lists)."""
+        """Tokens of every example (from the Arrow column, no Python lists; with a trace spec, of the epoch-0
+        draw, so --group-by-length groups by the same lengths every epoch)."""
         import pyarrow.compute as pc
 
         column = self.dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
@@ -152,6 +173,11 @@ class Prefix:
         if not 0 <= i < self.n:
             raise IndexError(i)
         return self.examples[i]
+
+    def example(self, i: int, epoch: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.examples.example(i, epoch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ pair; the target is the response tokens + eos).
 
 The package, one concept a module, each building on the ones above it in this list:
 
+  traces      Dualformer trace dropping: the operations on typed steps, fixed variants (--trace-levels), levels
+              drawn per example and epoch (--trace-spec)
+  trace_spec  the YAML trace specs of --trace-spec (configs/traces/: astar, steps)
   options     DataConfig (the --data ... options) and their checks; `unescape` for typed templates
-  traces      Dualformer trace variants of a stepwise response (--trace-levels)
   templates   record shapes: a raw record -> prompt text (+ gold option or response)
   records     reading --data (file, saved dataset, hub name) and telling the layout
   tokenize    prompt rendering / encoding, option-letter tokens, tokenize_records, prepare_dataset
@@ -17,13 +19,14 @@ The package, one concept a module, each building on the ones above it in this li
 The names below are the package's API: `from first_kd.data import DataConfig, prepare_dataset`.
 """
 
-from first_kd.data.options import AUTO_PREFIX, DataConfig, check_template, drop_levels, unescape
+from first_kd.data.options import AUTO_PREFIX, DataConfig, check_template, drop_levels, trace_spec_of, unescape
 from first_kd.data.records import FILE_LOADERS, FORMATS, detect_format, first_bad_json_line, load_records
 from first_kd.data.templates import LETTERS
-from first_kd.data.tokenize import (answer_text, encode_prompts, prepare_dataset, render_prompts, tokenize_records,
-                                    tokens_after)
+from first_kd.data.tokenize import (TraceTargets, answer_text, encode_prompts, prepare_dataset, render_prompts,
+                                    tokenize_records, tokens_after)
 
-__all__ = ["AUTO_PREFIX", "DataConfig", "check_template", "drop_levels", "unescape",
+__all__ = ["AUTO_PREFIX", "DataConfig", "check_template", "drop_levels", "trace_spec_of", "unescape",
            "FILE_LOADERS", "FORMATS", "detect_format", "first_bad_json_line", "load_records",
            "LETTERS",
-           "answer_text", "encode_prompts", "prepare_dataset", "render_prompts", "tokenize_records", "tokens_after"]
+           "TraceTargets", "answer_text", "encode_prompts", "prepare_dataset", "render_prompts", "tokenize_records",
+           "tokens_after"]

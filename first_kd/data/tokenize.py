@@ -12,7 +12,8 @@ position is the model's answer distribution over the letters. By default (--answ
 token is the one that follows the prompt when the letter is written after it as running text (' A' after
 "Answer:" for byte-level BPE, '▁A' for SentencePiece, whose ' A' on its own would be two tokens); a literal
 prefix instead tokenizes prefix + letter on its own. A prompt-response target is the response tokens
-(+ eos); a response longer than what --max-length leaves is truncated and flagged.
+(+ eos); a response longer than what --max-length leaves is truncated and flagged. With --trace-spec the target
+is drawn again every epoch (`TraceTargets`): the dataset holds the epoch-0 draw and the response as written.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import hashlib
 import json
 from typing import NamedTuple, Optional
 
-from first_kd.data.options import AUTO_PREFIX, DataConfig, drop_levels, unescape
+from first_kd.data.options import AUTO_PREFIX, DataConfig, drop_levels, trace_spec_of, unescape
 from first_kd.data.records import FORMATS, detect_format, load_records
 from first_kd.data.templates import (LETTERS, Record, answer_field, mcqa_example, prompt_layout,
                                      prompt_response_example, prompt_templates, record_id, repeated_id_error,
                                      response_field)
-from first_kd.data.traces import marker_for, marker_prefix_ids, trace_variants
+from first_kd.data.trace_spec import spec_record
+from first_kd.data.traces import marker_for, marker_prefix_ids, spec_variant, trace_variants
 from first_kd.errors import FirstKDError
 
 
@@ -132,10 +134,49 @@ class _LetterTokens:
         return ids[0]
 
 
+class TraceTargets:
+    """The targets of --trace-spec, drawn again for every (example, epoch): the level and the random parts of its
+    operations are a pure function of (--trace-seed, epoch, record id) (first_kd.data.traces.spec_variant), and
+    the target is the ids of `marker + separator`, tokenized on their own exactly as for --trace-levels (what
+    `evaluate --modes slow,fast` forces), then the ids of the kept steps joined by the separator, then eos.
+
+    `tokenize_records` writes each record's epoch-0 draw (one row per record, its id the record's) and keeps the
+    response as written in a column `response`; training (first_kd.training.DataExamples) asks `input_ids` for
+    the draw of the epoch at hand, so the prompt is tokenized once and only the target each time."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        found = trace_spec_of(cfg)
+        if found is None:
+            raise FirstKDError("TraceTargets needs --trace-spec")
+        self.spec, self.probs = found
+        self.tokenizer, self.seed, self.max_length = tokenizer, cfg.trace_seed, cfg.max_length
+        self.sep = unescape(cfg.step_separator)
+        self.slow_marker, self.fast_marker = cfg.slow_marker, cfg.fast_marker
+        self.marker_ids = {m: marker_prefix_ids(tokenizer, m, self.sep) for m in (cfg.slow_marker, cfg.fast_marker)}
+        self.eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+        self.record = spec_record(self.spec, self.probs)
+
+    def variant(self, rid: str, response: str, epoch: int) -> tuple[str, str, str]:
+        """(level name, marker, the text after `marker + separator`) of record `rid` in `epoch`. Raises ValueError
+        for a response the spec refuses (empty, or a step no type matches)."""
+        level, kept = spec_variant(self.spec, self.probs, rid, response, self.seed, epoch, self.sep)
+        return level.name, self.fast_marker if self.spec.is_fast(level) else self.slow_marker, self.sep.join(kept)
+
+    def target_ids(self, rid: str, response: str, epoch: int) -> list[int]:
+        """Marker ids + the variant's ids + eos, uncut."""
+        _, marker, text = self.variant(rid, response, epoch)
+        return self.marker_ids[marker] + list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + self.eos
+
+    def input_ids(self, prompt_ids, rid: str, response: str, epoch: int) -> list[int]:
+        """`prompt_ids` then the target of `epoch`, cut to --max-length (as `tokenize_records` cuts them)."""
+        room = self.max_length - len(prompt_ids)
+        return list(prompt_ids) + self.target_ids(rid, response, epoch)[:max(room, 0)]
+
+
 class _Row(NamedTuple):
     """One output row: the record it comes from, its id, prompt text, response text (None for MCQA: the
-    target is the gold letter's token), gold option index (-1 without), option count (0 without) and the
-    trace marker that opens its target (None without)."""
+    target is the gold letter's token), gold option index (-1 without), option count (0 without), the
+    trace marker that opens its target (None without) and, with --trace-spec, the response as written."""
 
     rec: Record
     id: str
@@ -144,12 +185,21 @@ class _Row(NamedTuple):
     gold: int
     n: int
     marker: Optional[str]
+    source: Optional[str] = None
 
 
 def _response_rows(rec: Record, prompt: str, response: str, cfg: DataConfig, layout: str,
-                   levels: Optional[list[float]]) -> list[_Row]:
-    """The prompt-response rows of one record: itself, or with --trace-levels one Dualformer variant per level,
-    whose response is the text after `marker + separator` (the marker's ids are added apart)."""
+                   levels: Optional[list[float]], trace: Optional[TraceTargets] = None) -> list[_Row]:
+    """The prompt-response rows of one record: itself, with --trace-levels one Dualformer variant per level, or
+    with --trace-spec its epoch-0 draw; a variant's response is the text after `marker + separator` (the
+    marker's ids are added apart)."""
+    if trace is not None:
+        try:
+            _, marker, text = trace.variant(rec.id, response, 0)
+        except ValueError as e:
+            raise rec.fail(f"field '{response_field(cfg, layout)}': {e}; fix the record or the trace spec "
+                           f"{trace.spec.name}") from None
+        return [_Row(rec, rec.id, prompt, text, -1, 0, marker, response)]
     if levels is None:
         return [_Row(rec, rec.id, prompt, response, -1, 0, None)]
     separator = unescape(cfg.step_separator)
@@ -166,8 +216,11 @@ def _response_rows(rec: Record, prompt: str, response: str, cfg: DataConfig, lay
 
 
 def _assemble(rows: list[_Row], prompt_ids, target_ids, cfg: DataConfig, layout: Optional[str]) -> dict:
-    """The map() output columns of a batch: prompt ids then target ids, cut to --max-length."""
+    """The map() output columns of a batch: prompt ids then target ids, cut to --max-length (and with
+    --trace-spec the response as written)."""
     out = {"id": [], "input_ids": [], "target_start": [], "answer_index": [], "n_choices": [], "truncated": []}
+    if rows and rows[0].source is not None:
+        out["response"] = [row.source for row in rows]
     for row, p_ids, t_ids in zip(rows, prompt_ids, target_ids):
         room = cfg.max_length - len(p_ids)
         if room < 1:
@@ -229,12 +282,14 @@ class _Encoder:
         self.letters = _LetterTokens(tokenizer, cfg.answer_prefix)
         self.eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
         self.levels = drop_levels(cfg)
+        self.trace = TraceTargets(tokenizer, cfg) if cfg.trace_spec else None
         self.marker_ids: dict[str, list[int]] = {}
-        if self.levels is not None:
+        if self.levels is not None or self.trace is not None:
+            flag = "--trace-levels" if self.trace is None else "--trace-spec"
             if fmt == "mcqa":
-                raise FirstKDError("--trace-levels drops reasoning steps of prompt-response data, but this data "
-                                   "is multiple-choice (one answer token): drop --trace-levels or use rationale "
-                                   "data (first-kd generate + filter)")
+                raise FirstKDError(f"{flag} drops reasoning steps of prompt-response data, but this data "
+                                   f"is multiple-choice (one answer token): drop {flag} or use rationale "
+                                   f"data (first-kd generate + filter)")
             self.marker_ids = {m: marker_prefix_ids(tokenizer, m, unescape(cfg.step_separator))
                                for m in (cfg.slow_marker, cfg.fast_marker)}
 
@@ -249,7 +304,7 @@ class _Encoder:
                 rows.append(_Row(rec, rec.id, prompt, None, gold, n, None))
             else:
                 prompt, response = prompt_response_example(rec, cfg, self.layout, self.templates)
-                rows += _response_rows(rec, prompt, response, cfg, self.layout, self.levels)
+                rows += _response_rows(rec, prompt, response, cfg, self.layout, self.levels, self.trace)
         return rows
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
@@ -272,6 +327,8 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
     unchanged. A variant's target ids are the ids of `marker + separator` followed by the ids of the rest,
     each tokenized on its own: exactly the ids `first-kd evaluate --modes slow,fast` forces after the
     prompt, which tokenizing the joined text would not guarantee (BPE merges across the seam).
+    With `cfg.trace_spec` set, each record is one row holding its epoch-0 draw (`TraceTargets`), its id the
+    record's, and a column `response` with the response as written, from which training draws other epochs.
 
     Returns:
         (dataset, info). The dataset has one row per record (per variant with trace levels) with columns
@@ -281,7 +338,8 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         info: {"format", "choice_token_ids" (the token id of each letter A.. up to the most options of any
           record, as it follows the prompt (--answer-prefix auto) or of answer_prefix + letter; [] for
           prompt-response), "choice_labels" (those letters), "n_records" (rows), "n_source_records" (records
-          read), "n_truncated", "trace_levels" (the drop levels, or None)}.
+          read), "n_truncated", "trace_levels" (the drop levels, or None), "trace_spec" (name, sha256, level
+          names and probabilities of --trace-spec, or None)}.
     """
     import datasets
 
@@ -293,6 +351,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         "answer_index": datasets.Value("int32"),
         "n_choices": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
+        **({"response": datasets.Value("string")} if encoder.trace is not None else {}),
     })
     out = ds.map(encoder, with_indices=True, batched=True, batch_size=1000,
                  remove_columns=ds.column_names, features=features, keep_in_memory=True,
@@ -309,6 +368,7 @@ def tokenize_records(ds, tokenizer, cfg: DataConfig):
         "n_source_records": len(ds),
         "n_truncated": int(sum(out["truncated"])),
         "trace_levels": encoder.levels,
+        "trace_spec": encoder.trace.record if encoder.trace is not None else None,
     }
     return out, info
 
