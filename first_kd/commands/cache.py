@@ -52,6 +52,9 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
 
     def validate(self):
         super().validate()
+        self.refuse_trace_spec("a store holds the teacher's top-k for fixed token sequences, computed once",
+                               "cache fixed variants with --trace-levels (e.g. 0,0.5,1) instead, or train on the "
+                               "data itself with `distill --data FILE --loss ce --trace-spec ...`")
         self.validate_engine()
         if not self.teacher:
             raise FirstKDError("missing --teacher (a hub id or a local model directory)")

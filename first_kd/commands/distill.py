@@ -24,8 +24,16 @@ The loss is a mean over all target positions of the *accumulated* batch: every m
 loss is divided by the target count of the whole optimizer step, so batch b x grad_accum 2 takes the
 same step as one batch of 2b (up to float rounding), and long sequences weigh more than short ones.
 
+Trace dropping per epoch (`--trace-spec`, with --data and --loss ce): each example's Dualformer level, and the
+random parts of its operations, are drawn again every epoch as a pure function of (--trace-seed, epoch, record
+id), and its target is tokenized when it is read (first_kd.data.TraceTargets, first_kd.training.DataExamples);
+held-out data (--val-data) keeps the epoch-0 draw, so validation losses compare across epochs. A store holds
+fixed token sequences, so `--trace-spec` with a store is refused (cache fixed variants with --trace-levels).
+
 Output directory:
-    OUT/config.yaml           the run's options (a re-run with different options is refused)
+    OUT/config.yaml           the run's options (a re-run with different options is refused); with --trace-spec
+                              also `trace_spec_record` (the spec's name, file sha256, levels and probabilities), so
+                              a resume with an edited spec file is refused too
     OUT/metrics.jsonl         one JSON line per logged step (step, loss, lr, tokens_per_s, val_* ...)
     OUT/checkpoints/step-N/   model.safetensors + trainer_state.pt (optimizer, scheduler, RNG, step);
                               written to a temp dir and renamed, only the newest complete one is kept
@@ -65,8 +73,9 @@ import torch
 import yaml
 
 from first_kd.adapters import LoraOptions
-from first_kd.config import option, save_yaml, to_dict
-from first_kd.data import DataConfig
+from first_kd.config import option, to_dict
+from first_kd.data import DataConfig, trace_spec_of
+from first_kd.data.trace_spec import spec_record
 from first_kd.errors import FirstKDError
 from first_kd.files import clean_json, write_json_atomic
 from first_kd.loader import StepBatches, StepPlan, step_loader
@@ -170,6 +179,10 @@ class DistillConfig(ModelOptions, LoraOptions, DataConfig):
             raise FirstKDError("--loss ce needs --data FILE (or --store STORE to train on its tokens)")
         if self.val_store and self.val_data:
             raise FirstKDError("give one of --val-store and --val-data, not both")
+        if self.loss in ("first", "kd") or not self.data:
+            self.refuse_trace_spec(f"--loss {self.loss} here trains on --store, whose teacher top-k were cached for "
+                                   "fixed token sequences", "train on --data with --loss ce, or cache fixed "
+                                   "variants with `first-kd cache --trace-levels` and train on that store")
         checks = [
             (0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1]; got {self.alpha}"),
             (0.0 <= self.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1); got {self.label_smoothing}"),
@@ -474,7 +487,11 @@ def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
     else:
         if cfg.store:
             _say(f"--loss ce trains on --data {cfg.data}; --store {cfg.store} is not used")
-        train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit)
+        train, _ = _data_examples(cfg, tokenizer, cfg.data, cfg.split, cfg.limit, redraw=True)
+        if train.trace is not None:
+            levels = ", ".join(f"{n} {p:g}" for n, p in zip(train.trace.spec.level_names, train.trace.probs))
+            _say(f"trace spec {train.trace.spec.name} (levels {levels}): each example's level is drawn again every "
+                 "epoch; validation data keeps the epoch-0 draw")
     if len(train) == 0:
         raise FirstKDError("no training examples: check --data / --store and --limit")
     return train, temperature
@@ -516,8 +533,11 @@ def _open_store(path: str, tokenizer, model):
     return store
 
 
-def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) -> tuple[DataExamples, list[int]]:
-    from first_kd.data import prepare_dataset
+def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit,
+                   redraw: bool = False) -> tuple[DataExamples, list[int]]:
+    """(examples of `data`, the option-letter ids of MCQA data). With --trace-spec the dataset holds the epoch-0
+    draw; `redraw` (training) draws the target again every epoch, validation keeps the epoch-0 draw."""
+    from first_kd.data import TraceTargets, prepare_dataset
 
     dcfg = dataclasses.replace(cfg, data=data, split=split, limit=limit)
     dataset, info = prepare_dataset(dcfg, tokenizer)
@@ -525,7 +545,8 @@ def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit) 
         _warn(f"{info['n_truncated']} of {len(dataset)} records of {data} were truncated to --max-length "
               f"{cfg.max_length}")
     choice_ids = list(info.get("choice_token_ids") or []) if info.get("format") == "mcqa" else []
-    return DataExamples(dataset), choice_ids
+    trace = TraceTargets(tokenizer, dcfg) if redraw and cfg.trace_spec else None
+    return DataExamples(dataset, trace), choice_ids
 
 
 def _optimization(cfg: DistillConfig, model, total_steps: int, accelerator):
@@ -571,7 +592,7 @@ def _start(work: Path, out: Path, cfg: DistillConfig, accelerator, model, optimi
     metrics_path = work / "metrics.jsonl"
     if main:
         if not (work / "config.yaml").exists():
-            save_yaml(cfg, work / "config.yaml")
+            (work / "config.yaml").write_text(yaml.safe_dump(run_settings(cfg), sort_keys=False))
         clear_interrupted_saves(work)  # a checkpoint save a kill interrupted
     accelerator.wait_for_everyone()
     checkpoints = list_checkpoints(work) if work == out else []
@@ -615,6 +636,16 @@ def _finish(work: Path, out: Path, cfg: DistillConfig, student, tokenizer, summa
 # ----------------------------------------------------------------------------------------------
 
 
+def run_settings(cfg: DistillConfig) -> dict:
+    """What OUT/config.yaml records: the options, and with --trace-spec the spec as used (its name, the sha256 of
+    its file, level names and probabilities), since the option names a file whose content may change."""
+    settings = to_dict(cfg)
+    found = trace_spec_of(cfg)
+    if found is not None:
+        settings["trace_spec_record"] = spec_record(*found)
+    return settings
+
+
 def _comparable(cfg_dict: dict) -> dict:
     # Round-trip through YAML so tuples/lists and numbers compare the way the file stores them.
     d = yaml.safe_load(yaml.safe_dump(cfg_dict, sort_keys=True))
@@ -635,7 +666,7 @@ def check_run_dir(out: Path, cfg: DistillConfig) -> None:
         return
     if cfg.overwrite:
         return
-    changed = settings_diff(_comparable(yaml.safe_load(saved_path.read_text()) or {}), _comparable(to_dict(cfg)))
+    changed = settings_diff(_comparable(yaml.safe_load(saved_path.read_text()) or {}), _comparable(run_settings(cfg)))
     if changed:
         raise FirstKDError(f"--out {out} holds a run with different options ({changed}): "
                            "use a new --out, or --overwrite to discard it")
