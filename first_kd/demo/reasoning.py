@@ -56,7 +56,7 @@ The story, every step a public command (DIR/commands.sh)
                     traces like Dualformer's, whose dropped parts are redundant, do not pay this price.
 6. `evaluate --modes`: each model writes its own rationale greedily on the test questions; accuracy,
    ECE of the answer's probability, mean generated tokens, per mode for the dual student (slow and fast
-   forced with the marker, auto = the student picks);
+   forced with the marker, auto = the marker drawn from the student's own probabilities, per question);
 7. `report`, and the checks the suite is meant to show (report.md, report.json).
 """
 
