@@ -212,3 +212,21 @@ def to_dict(cfg) -> dict:
 
 def save_yaml(cfg, path: Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def builtin_names(directory: Path) -> list[str]:
+    """Names of the built-in YAML files shipped in `directory` (configs/programs, configs/traces)."""
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def builtin_or_file(name_or_file: str, directory: Path, flag: str, kind: str) -> Path:
+    """The file of `name_or_file`: a path to a YAML file, or the name of a built-in one in `directory`; a
+    one-line FirstKDError naming `flag` and the built-in names otherwise."""
+    path = Path(name_or_file)
+    if path.is_file():
+        return path
+    builtin = directory / f"{name_or_file}.yaml"
+    if "/" not in name_or_file and builtin.is_file():
+        return builtin
+    raise FirstKDError(f"{flag} {name_or_file}: no such file and no built-in {kind} of that name (built-in: "
+                       f"{', '.join(builtin_names(directory)) or 'none found'}); give a {kind} name or a YAML file")

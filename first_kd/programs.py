@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from first_kd.config import builtin_names, builtin_or_file
 from first_kd.errors import FirstKDError
 
 PROGRAMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "programs"
@@ -95,19 +96,12 @@ class Program:
 
 def builtin_programs() -> list[str]:
     """Names of the programs shipped in configs/programs/."""
-    return sorted(p.stem for p in PROGRAMS_DIR.glob("*.yaml"))
+    return builtin_names(PROGRAMS_DIR)
 
 
 def program_path(name_or_file: str) -> Path:
     """The file of `name_or_file`: a path to a YAML file, or the name of a built-in program."""
-    path = Path(name_or_file)
-    if path.is_file():
-        return path
-    builtin = PROGRAMS_DIR / f"{name_or_file}.yaml"
-    if "/" not in name_or_file and builtin.is_file():
-        return builtin
-    raise FirstKDError(f"--program {name_or_file}: no such file and no built-in program of that name (built-in: "
-                       f"{', '.join(builtin_programs()) or 'none found'}); give a program name or a YAML file")
+    return builtin_or_file(name_or_file, PROGRAMS_DIR, "--program", "program")
 
 
 def template_fields(template: str, where: str) -> list[str]:

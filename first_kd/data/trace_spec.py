@@ -37,6 +37,7 @@ import re
 from pathlib import Path
 
 from first_kd.data.traces import Level, Op, TraceSpec, check_probs
+from first_kd.config import builtin_names, builtin_or_file
 from first_kd.errors import FirstKDError
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "configs" / "traces"
@@ -48,19 +49,12 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 
 def builtin_specs() -> list[str]:
     """Names of the specs shipped in configs/traces/."""
-    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+    return builtin_names(SPECS_DIR)
 
 
 def spec_path(name_or_file: str) -> Path:
     """The file of `name_or_file`: a path to a YAML file, or the name of a built-in spec."""
-    path = Path(name_or_file)
-    if path.is_file():
-        return path
-    builtin = SPECS_DIR / f"{name_or_file}.yaml"
-    if "/" not in name_or_file and builtin.is_file():
-        return builtin
-    raise FirstKDError(f"--trace-spec {name_or_file}: no such file and no built-in spec of that name (built-in: "
-                       f"{', '.join(builtin_specs()) or 'none found'}); give a spec name or a YAML file")
+    return builtin_or_file(name_or_file, SPECS_DIR, "--trace-spec", "spec")
 
 
 def _fail(path, where: str, what: str) -> FirstKDError:
