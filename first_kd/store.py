@@ -23,7 +23,8 @@ reading (first_kd.temperature), so re-calibrating never re-runs the teacher.
 
 This module is the format: planning and writing a store (`first-kd cache`, first_kd.commands.cache),
 recording temperature fits (`first-kd calibrate`), reading it (`open_store`) and checking every
-invariant (`verify`, which `first-kd inspect` reports).
+invariant (`verify`, which `first-kd inspect` reports). `coverage_summary` measures the top-k mass of a
+written store (first_kd.coverage), which `cache` records as the `coverage` attribute.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from first_kd.coverage import MassAccumulator
 from first_kd.errors import FirstKDError
 from first_kd.outputs import crash_point, fsync_dir
 
@@ -265,6 +267,29 @@ def unit_sequences(group: zarr.Group, unit: int, seq_offsets: np.ndarray, pos_of
         sequences.append(tokens[int(seq_offsets[i]) - base: int(seq_offsets[i + 1]) - base])
         positions.append(targets[max(int(pos_offsets[i]), lo) - lo: min(int(pos_offsets[i + 1]), hi) - lo])
     return sequences, positions
+
+
+def read_sequences(group: zarr.Group, indices: np.ndarray, seq_offsets: np.ndarray, pos_offsets: np.ndarray
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Sequences `indices` (ascending) as the teacher sees them: their token ids and all their target
+    positions (int64 1-D arrays each). Reads go through a small chunk cache, so each chunk is decoded once."""
+    tokens, targets = _ChunkedReader(group["input_ids"]), _ChunkedReader(group["target_positions"])
+    sequences, positions = [], []
+    for i in map(int, indices):
+        sequences.append(tokens[slice(int(seq_offsets[i]), int(seq_offsets[i + 1]))].astype(np.int64))
+        positions.append(targets[slice(int(pos_offsets[i]), int(pos_offsets[i + 1]))].astype(np.int64))
+    return sequences, positions
+
+
+def coverage_summary(group: zarr.Group) -> dict:
+    """The coverage summary of a store whose units are all written (first_kd.coverage.MassAccumulator over
+    its stored fp16 log-probs, read chunk by chunk from row 0): what `cache` records as `coverage`."""
+    arr = group["topk_logprobs"]
+    n_pos, step = group.attrs["counts"]["n_positions"], arr.chunks[0]
+    acc = MassAccumulator()
+    for lo in range(0, n_pos, step):
+        acc.add(arr[lo: min(lo + step, n_pos)])
+    return acc.summary()
 
 
 def pending_units(group: zarr.Group) -> list[int]:
@@ -591,6 +616,15 @@ class DamagedStore(Exception):
     """A store that breaks an invariant of the format (the message names the first one found)."""
 
 
+def _coverage_disagrees(recorded: Optional[dict], measured: Optional[dict]) -> bool:
+    """Whether a recorded coverage summary is not the one the stored log-probs give (same method only). Both
+    sum the same chunks in the same order; the tolerance only allows for another numpy's summation order."""
+    if not recorded or not measured or recorded.get("method") != measured["method"]:
+        return False
+    return (recorded.get("n_positions") != measured["n_positions"]
+            or not abs(float(recorded.get("mean", -1.0)) - measured["mean"]) <= 1e-9)
+
+
 def verify(path) -> dict:
     """Check every invariant of a store, reading it chunk by chunk; return the summary dict.
 
@@ -622,7 +656,7 @@ def verify(path) -> dict:
     lengths = np.diff(seq_off)
     seq_len_per_pos = np.repeat(lengths, np.diff(pos_off))
     chunk = group["topk_ids"].chunks[0]
-    masses = np.empty(n_pos, dtype=np.float32) if complete else None
+    coverage = MassAccumulator()  # the top-k mass of every position, in bounded memory
     try:
         for lo in range(0, n_tok, 1 << 20):
             ids = group["input_ids"][lo: lo + (1 << 20)]
@@ -645,15 +679,19 @@ def verify(path) -> dict:
                 fail(f"topk_logprobs rows {lo}..{hi} hold log-probs > 0")
             if np.any(np.diff(lp, axis=1) > 0):
                 fail(f"topk_logprobs rows {lo}..{hi} are not in decreasing order")
-            mass = np.exp(lp).sum(axis=1)
-            if np.any(mass > 1 + MASS_TOLERANCE):
+            if np.any(np.exp(lp.astype(np.float64)).sum(axis=1) > 1 + MASS_TOLERANCE):
                 fail(f"top-k mass above 1 in rows {lo}..{hi}")
-            masses[lo:hi] = mass
+            coverage.add(lp)
     except DamagedStore:
         raise
     except Exception as e:  # checksum failures of torn chunks land here
         fail(f"{type(e).__name__}: {e}")
 
+    measured = coverage.summary() if complete and n_pos else None
+    recorded = attrs.get("coverage")
+    if _coverage_disagrees(recorded, measured):
+        fail(f"the recorded coverage (mean top-k mass {recorded.get('mean')} over {recorded.get('n_positions')} "
+             f"positions) disagrees with the stored log-probs ({measured['mean']} over {measured['n_positions']})")
     disk = bytes_on_disk(path)
     topk_disk = sum(bytes_on_disk(path, name) for name in TOPK_ARRAYS)
     return {
@@ -670,8 +708,13 @@ def verify(path) -> dict:
         # prompts, which dominate for multiple-choice data with one target per sequence.
         "bytes_per_position": topk_disk / max(n_pos, 1),
         "bytes_per_position_total": disk / max(n_pos, 1),
-        "mean_topk_mass": float(masses.mean()) if complete and n_pos else None,
-        "topk_mass_p10": float(np.percentile(masses, 10)) if complete and n_pos else None,
+        "mean_topk_mass": measured["mean"] if measured else None,
+        "topk_mass_p10": measured["quantiles"]["p10"] if measured else None,
+        # first_kd.coverage: the summary `cache` recorded, else the one measured here (stores written before
+        # coverage was recorded); the probe curve of `cache --probe-k`, when one was run
+        "coverage": recorded or measured,
+        "coverage_recorded": bool(recorded),
+        "coverage_probe": attrs.get("coverage_probe"),
         "temperature": dict(attrs.get("temperature") or {}),
         "temperature_pending": pending_fit_problem(path, attrs) or None,
         "teacher": attrs.get("teacher"),
