@@ -28,6 +28,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from first_kd import __version__
+from first_kd import coverage
 from first_kd import store as topk_store
 from first_kd.config import option
 from first_kd.data import DataConfig, prepare_dataset
@@ -37,6 +38,9 @@ from first_kd.errors import FirstKDError
 from first_kd.models import (ModelOptions, load_config, load_model, load_tokenizer, model_positions, resolve_dtype,
                              weights_fingerprint)
 from first_kd.outputs import crash_point, exclusive_lock, say_done, settings_diff
+
+
+MAX_PROBE_K = 1024
 
 
 @dataclasses.dataclass
@@ -49,6 +53,12 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
         "auto", help="teacher weights dtype; auto = bfloat16 on a GPU that supports it, else float32")
     chunk_positions: int = option(16384, help="store rows per chunk; also the unit of resume and of work splitting")
     overwrite: bool = option(False, help="replace an existing store at --out")
+    probe_k: Optional[int] = option(
+        None, help="also measure the teacher's top-j mass for j = 1..PROBE_K (> --k) on --probe-positions positions "
+                   "and record the curve in the store, to choose k (`first-kd inspect` suggests one); the stored "
+                   "top-k is unchanged; on a complete store it runs the probe alone; hf engine only")
+    probe_positions: int = option(2048, help="how many target positions --probe-k measures: whole sequences drawn "
+                                             "in a fixed seeded order until they hold this many")
 
     def validate(self):
         super().validate()
@@ -65,6 +75,20 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
             raise FirstKDError(f"--k must be >= 1, got {self.k}")
         if self.batch_size < 1 or self.chunk_positions < 1:
             raise FirstKDError("--batch-size and --chunk-positions must be >= 1")
+        self.validate_probe()
+
+    def validate_probe(self):
+        if self.probe_k is None:
+            return
+        if self.engine == "vllm":
+            raise FirstKDError("--probe-k runs on the hf engine only: probe a sample with `first-kd cache --engine hf "
+                               "--limit 500 --probe-k K --out probe.zarr` and `first-kd inspect probe.zarr`, then "
+                               "cache with --engine vllm and the k it suggests")
+        if not self.k < self.probe_k <= MAX_PROBE_K:
+            raise FirstKDError(f"--probe-k must be larger than --k ({self.k}) and at most {MAX_PROBE_K} (its curve "
+                               f"is kept in the store's attributes), got {self.probe_k}")
+        if self.probe_positions < 1:
+            raise FirstKDError(f"--probe-positions must be >= 1, got {self.probe_positions}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +191,7 @@ def _prepare(cfg: CacheConfig, tokenizer, dtype, engine: dict) -> Optional[_Inpu
 def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> None:
     """Write the store's planning arrays, or check that an unfinished store can be resumed."""
     out = Path(cfg.out)
+    _check_probe_k(cfg, vocab_size)
     attrs = inputs.attrs
     attrs["teacher"]["model_type"] = getattr(model_config, "model_type", None)
     if attrs["teacher"]["weights"] is None:  # a hub teacher downloaded by loading it: its files are in reach now
@@ -195,6 +220,11 @@ def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> N
     topk_store.create_store(out, tokenized, plan, attrs, vocab_size)
 
 
+def _check_probe_k(cfg: CacheConfig, vocab_size: int) -> None:
+    if cfg.probe_k is not None and cfg.probe_k > vocab_size:
+        raise FirstKDError(f"--probe-k {cfg.probe_k} is larger than the teacher's vocabulary ({vocab_size})")
+
+
 def _engine(cfg: CacheConfig, dtype) -> tuple[dict, Optional[dict]]:
     """(what the store records about the engine, vllm.LLM's settings or None for hf). Nothing is loaded."""
     if cfg.engine == "hf":
@@ -215,7 +245,7 @@ def _engine(cfg: CacheConfig, dtype) -> tuple[dict, Optional[dict]]:
 @dataclasses.dataclass
 class _Teacher:
     """A loaded teacher, whatever the engine: its config, vocabulary size and `topk(sequences, positions,
-    on_batch) -> (ids, logprobs)` for one unit (first_kd.engines' contract)."""
+    on_batch, k) -> (ids, logprobs)` for one unit (first_kd.engines' contract)."""
 
     config: object
     vocab_size: int
@@ -231,15 +261,15 @@ def _open_teacher(cfg: CacheConfig, state, dtype, pad_id: int, settings: Optiona
         config = load_config(cfg.teacher, cfg.revision, cfg.trust_remote_code)
         with vllm_engine.started_engine(settings) as llm:
             yield _Teacher(config, config.vocab_size,
-                           lambda seqs, pos, on_batch: vllm_engine.unit_topk(llm, seqs, pos, cfg.k, on_batch))
+                           lambda seqs, pos, on_batch, k: vllm_engine.unit_topk(llm, seqs, pos, k, on_batch))
         return
     from first_kd.engines.hf import unit_topk
 
     model = load_model(cfg.teacher, dtype, state.device, cfg.revision, cfg.trust_remote_code, cfg.device_map)
     device = None if cfg.device_map != "none" else state.device  # spread: inputs go where the embeddings are
     yield _Teacher(model.config, model.get_output_embeddings().weight.shape[0],
-                   lambda seqs, pos, on_batch: unit_topk(model, seqs, pos, cfg.k, cfg.batch_size, pad_id,
-                                                         device=device, on_batch=on_batch))
+                   lambda seqs, pos, on_batch, k: unit_topk(model, seqs, pos, k, cfg.batch_size, pad_id,
+                                                            device=device, on_batch=on_batch))
 
 
 def _main_then_share(state, fn):
@@ -288,14 +318,20 @@ def run_cache(cfg: CacheConfig) -> int:
 
         inputs = _main_then_share(state, lock_and_prepare)
         if inputs is None:
-            return say_done("cache", cfg.out, "a complete top-k store") if state.is_main_process else 0
+            if not state.is_main_process:
+                return 0
+            if not _probe_wanted(cfg, dict(zarr.open_group(cfg.out, mode="r").attrs)):
+                return say_done("cache", cfg.out, "a complete top-k store")
+            teacher = held.enter_context(_open_teacher(cfg, state, dtype, tokenizer.pad_token_id, settings))
+            _probe_complete_store(cfg, teacher)
+            return 0
         teacher = held.enter_context(_open_teacher(cfg, state, dtype, tokenizer.pad_token_id, settings))
         try:
             _main_then_share(state, lambda: _plan(cfg, inputs, teacher.config, teacher.vocab_size))
             crash_point("planned")
             group = zarr.open_group(cfg.out, mode="r+")
             _run_units(cfg, state, teacher, group)
-            _finish(cfg, state, group)
+            _finish(cfg, state, group, teacher)
         except OSError as e:  # a full disk: zarr's failed chunk writes name no file, so name the store
             if not e.filename:
                 e.filename = str(cfg.out)
@@ -325,15 +361,17 @@ def _run_units(cfg: CacheConfig, state, teacher: _Teacher, group) -> None:
 
     for unit in mine:
         sequences, positions = topk_store.unit_sequences(group, unit, seq_offsets, pos_offsets)
-        unit_ids, unit_lp = teacher.topk(sequences, positions, progress)
+        unit_ids, unit_lp = teacher.topk(sequences, positions, progress, cfg.k)
         crash_point(f"unit-computed:{unit}")
         topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
         crash_point(f"unit-done:{unit}")
     bar.close()
 
 
-def _finish(cfg: CacheConfig, state, group) -> None:
-    """Mark the store complete once every unit of every process is on disk, and verify it."""
+def _finish(cfg: CacheConfig, state, group, teacher: _Teacher) -> None:
+    """Mark the store complete once every unit of every process is on disk, and verify it. The same replace of
+    the attributes records the coverage summary (computed from the stored log-probs, so a resumed pass records
+    what an uninterrupted one does) and the --probe-k curve."""
     if state.num_processes > 1:
         state.wait_for_everyone()
     if state.is_main_process:
@@ -342,12 +380,17 @@ def _finish(cfg: CacheConfig, state, group) -> None:
         if still:
             raise FirstKDError(f"{len(still)} unit(s) of {cfg.out} were not written (a process failed?): re-run "
                                "the same command to finish them")
-        topk_store.mark_complete(group, {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                         "max_token_id": _max_token_id(group)})
+        extra = {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                 "max_token_id": _max_token_id(group), "coverage": topk_store.coverage_summary(group)}
+        if cfg.probe_k is not None:
+            extra["coverage_probe"] = _probe(cfg, teacher, group)
+        topk_store.mark_complete(group, extra)
         summary = topk_store.verify(cfg.out)
         print(f"first-kd cache: wrote {cfg.out}: {summary['n_sequences']:,} sequences, "
               f"{summary['n_positions']:,} target positions, {summary['bytes_per_position']:.2f} bytes/position, "
-              f"mean top-{cfg.k} mass {summary['mean_topk_mass']:.4f}")
+              f"mean top-{cfg.k} mass {summary['mean_topk_mass']:.4f} (p10 {summary['topk_mass_p10']:.4f})")
+        if cfg.probe_k is not None:
+            _say_probe(cfg, extra["coverage_probe"])
     if state.num_processes > 1:
         state.wait_for_everyone()
 
@@ -361,3 +404,58 @@ def _max_token_id(group) -> int:
         for lo in range(0, arr.shape[0], step):
             top = max(top, int(arr[lo: lo + step].max()))
     return top
+
+
+# ----------------------------------------------------------------------------------------------
+# The probe of --probe-k: the teacher's top-j mass for j = 1..K on a sample of positions
+# ----------------------------------------------------------------------------------------------
+
+
+def _probe_settings(cfg: CacheConfig) -> dict:
+    """What makes two probes the same probe (a re-run with them on a complete store is a no-op)."""
+    return {"k": cfg.probe_k, "positions": cfg.probe_positions, "seed": coverage.PROBE_SEED}
+
+
+def _probe_wanted(cfg: CacheConfig, attrs: dict) -> bool:
+    """Whether --probe-k asks for a probe the store does not hold yet."""
+    if cfg.probe_k is None:
+        return False
+    held = attrs.get("coverage_probe") or {}
+    return {key: held.get(key) for key in ("k", "positions", "seed")} != _probe_settings(cfg)
+
+
+def _probe(cfg: CacheConfig, teacher: _Teacher, group) -> dict:
+    """The `coverage_probe` record: the engine's top-PROBE_K at the positions of first_kd.coverage.probe_sequences,
+    as first_kd.coverage.mass_curve summarises them (fp32 log-probs from the engine, never written to the arrays)."""
+    seq_offsets, pos_offsets = group["seq_offsets"][:], group["pos_offsets"][:]
+    chosen, take = coverage.probe_sequences(np.diff(pos_offsets), cfg.probe_positions)
+    sequences, positions = topk_store.read_sequences(group, chosen, seq_offsets, pos_offsets)
+    positions = [p[:n] for p, n in zip(positions, take)]
+    print(f"first-kd cache: probing the teacher's top-{cfg.probe_k} mass on {int(take.sum()):,} positions "
+          f"({len(chosen):,} sequences)")
+    _, logprobs = teacher.topk(sequences, positions, None, cfg.probe_k)
+    return {**_probe_settings(cfg), **coverage.mass_curve(logprobs), "n_sequences": int(len(chosen)),
+            "source": "the engine's fp32 log-softmax (not stored)"}
+
+
+def _say_probe(cfg: CacheConfig, probe: dict) -> None:
+    target = coverage.DEFAULT_TARGET
+    hint = coverage.suggest_k(probe, target)
+
+    def at(key):
+        return f"k={hint[key]}" if hint[key] else f"more than {probe['k']}"
+
+    print(f"first-kd cache: probe: mean top-j mass reaches {target} at {at('k_mean')}, its p10 at {at('k_p10')} "
+          f"(`first-kd inspect {cfg.out}` for the curve; --coverage for another target)")
+
+
+def _probe_complete_store(cfg: CacheConfig, teacher: _Teacher) -> None:
+    """--probe-k on a store this very pass already completed: run the probe alone and record it (the arrays
+    are not touched). A store written before coverage was recorded gets its `coverage` summary too."""
+    _check_probe_k(cfg, teacher.vocab_size)
+    group = zarr.open_group(cfg.out, mode="r")
+    changes = {"coverage_probe": _probe(cfg, teacher, group)}
+    if "coverage" not in group.attrs:
+        changes["coverage"] = topk_store.coverage_summary(group)
+    topk_store.update_attrs(Path(cfg.out), changes)
+    _say_probe(cfg, changes["coverage_probe"])
