@@ -1,4 +1,5 @@
-"""Reliability diagrams: per-bin accuracy against confidence, with the confidence histogram beneath.
+"""Figures: reliability diagrams (per-bin accuracy against confidence, with the confidence histogram
+beneath), and the coverage figure of a top-k store (`coverage_figure`, at the end).
 
 Input is the bins table of `first_kd.metrics.calibration_bins` (or `CalibrationAccumulator.bins()`),
 as numpy arrays or as the JSON lists of `metrics.bins_to_json`. Each panel is two axes sharing x:
@@ -22,7 +23,7 @@ matplotlib.use("Agg")  # files only: never needs a display, safe on servers and 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from first_kd import metrics  # noqa: E402
+from first_kd import coverage, metrics  # noqa: E402
 from first_kd.files import name_errors  # noqa: E402
 
 ACCURACY_COLOR = "#4C72B0"
@@ -186,3 +187,83 @@ def save_reliability_comparison(panels: Sequence[tuple[str, Any, Optional[dict]]
     """Write side-by-side reliability diagrams (e.g. teacher raw vs calibrated, student ce vs FIRST)
     with shared axes as one PNG; panels are (title, bins_table, summary or None). Returns the path."""
     return _save(reliability_figure(panels), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coverage of a top-k store (first_kd.coverage)
+# ----------------------------------------------------------------------------------------------
+
+BAND_COLOR = "#4C72B0"
+TARGET_COLOR = "#C44E52"
+
+
+def _mass_histogram(ax, summary: dict, target: float) -> None:
+    edges = np.asarray(summary["histogram"]["edges"], dtype=float)
+    counts = np.asarray(summary["histogram"]["counts"], dtype=float)
+    share = counts / max(counts.sum(), 1.0)
+    ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", color=HIST_COLOR, edgecolor="black",
+           linewidth=0.6, zorder=2)
+    q = summary["quantiles"]
+    ax.axvline(summary["mean"], color=BAND_COLOR, linewidth=1.4, label=f"mean {summary['mean']:.3f}")
+    ax.axvline(q["p10"], color=BAND_COLOR, linestyle="--", linewidth=1.2, label=f"p10 {q['p10']:.3f}")
+    ax.axvline(target, color=TARGET_COLOR, linestyle=":", linewidth=1.4, label=f"target {target:g}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"top-{summary['k']} mass of a position")
+    ax.set_ylabel("share of positions")
+    ax.grid(True, axis="y", linestyle=":", linewidth=0.5, zorder=0)
+    ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+    ax.set_title(f"top-{summary['k']} mass, {summary['n_positions']:,} positions", fontsize=10)
+
+
+def _mass_curve(ax, probe: dict, target: float, store_k: int) -> None:
+    q = {name: np.asarray(values, dtype=float) for name, values in probe["quantiles"].items()}
+    j = np.arange(1, probe["k"] + 1)
+    ax.fill_between(j, q["p10"], q["p90"], color=BAND_COLOR, alpha=0.15, step="mid", label="p10-p90")
+    ax.fill_between(j, q["p25"], q["p75"], color=BAND_COLOR, alpha=0.3, step="mid", label="p25-p75")
+    ax.step(j, probe["mean"], where="mid", color=BAND_COLOR, linewidth=1.6, label="mean")
+    ax.step(j, q["p1"], where="mid", color=BAND_COLOR, linestyle=":", linewidth=1.0, label="p1")
+    ax.axhline(target, color=TARGET_COLOR, linestyle=":", linewidth=1.4, label=f"target {target:g}")
+    ax.axvline(store_k, color="black", linestyle="--", linewidth=1.0, label=f"store k = {store_k}")
+    hint = coverage.suggest_k(probe, target)
+    for key, marker in (("k_mean", "o"), ("k_p10", "s")):
+        if hint[key]:
+            stat = probe["mean"] if key == "k_mean" else q["p10"]
+            ax.plot([hint[key]], [stat[hint[key] - 1]], marker=marker, color=TARGET_COLOR, linestyle="none",
+                    label=f"{'mean' if key == 'k_mean' else 'p10'} reaches it: k = {hint[key]}")
+    if probe["k"] >= 50:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 1, 10, 100 rather than 10^0 ...
+    ax.set_xlim(0.8, probe["k"] + 0.5)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("j (tokens kept)")
+    ax.set_ylabel("top-j mass")
+    ax.grid(True, linestyle=":", linewidth=0.5, zorder=0)
+    ax.legend(loc="best", fontsize=7, framealpha=0.9)
+    ax.set_title(f"probe: top-j mass, j = 1..{probe['k']}, {probe['n_positions']:,} positions", fontsize=10)
+
+
+def coverage_figure(summary: dict, probe: Optional[dict] = None, target: float = 0.95, title: str = ""):
+    """The coverage of a top-k store; returns the Figure.
+
+    Args:
+        summary: a `coverage` summary (first_kd.coverage.MassAccumulator.summary): its histogram of top-k
+            mass is the left panel, with the mean, p10 and `target` marked.
+        probe: a `coverage_probe` record (first_kd.coverage.mass_curve plus its settings) or None: when
+            given, the right panel is the mean top-j mass for j = 1..K with p10-p90 and p25-p75 bands,
+            the target, the store's k and the smallest k whose mean (and p10) reaches the target.
+        title: the figure's title (shown as typed), e.g. the store's path.
+    """
+    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(9.5 if probe else 5, 4.2), layout="constrained",
+                             squeeze=False)
+    _mass_histogram(axes[0, 0], summary, target)
+    if probe:
+        _mass_curve(axes[0, 1], probe, target, summary["k"])
+    if title:
+        fig.suptitle(plain_text(title), fontsize=10)
+    return fig
+
+
+def save_coverage_figure(summary: dict, path, probe: Optional[dict] = None, target: float = 0.95,
+                         title: str = "") -> Path:
+    """Write `coverage_figure` as a PNG at `path`; returns the path."""
+    return _save(coverage_figure(summary, probe, target, title), path)
