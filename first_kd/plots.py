@@ -238,7 +238,8 @@ def _mass_curve(ax, probe: dict, target: float, store_k: int) -> None:
     ax.set_xlabel("j (tokens kept)")
     ax.set_ylabel("top-j mass")
     ax.grid(True, linestyle=":", linewidth=0.5, zorder=0)
-    ax.legend(loc="best", fontsize=7, framealpha=0.9)
+    # below the axes: the bands cover the whole plot whatever the teacher, so no corner is free
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7, framealpha=0.9)
     ax.set_title(f"probe: top-j mass, j = 1..{probe['k']}, {probe['n_positions']:,} positions", fontsize=10)
 
 
