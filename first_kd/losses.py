@@ -33,6 +33,15 @@ Precision: all softmax / log / loss arithmetic is fp32 whatever the logits' dtyp
 upcast; float64 stays float64, which is what gradcheck needs). The chunked head
 runs its matmuls in the inputs' dtype (as the model's own lm_head would) and upcasts each chunk's logits.
 
+Sampled caches (RS-KD, `sampled_kd_loss` / `chunked_sampled_kd_loss`): instead of a top-k, a position
+holds n ids drawn with replacement from a proposal q (first_kd.engines.sampling), with counts c. With the
+target's log-prob p and q known at each sampled id, sum_i c_i p / (n q) * (-log s(x_i)) is an unbiased
+estimate of the full-vocabulary CE(p, s) and its gradient of s - p (s = the student's full softmax);
+KL = CE - H with H supplied or estimated from the same draws. Which targets have an exact per-id
+log-prob on a sampled cache (and so an unbiased loss) is first_kd.temperature's to say; a target known
+only up to its normaliser goes through the "self-normalised" estimator, consistent with bias O(1/n).
+The losses still never see a temperature.
+
 `chunked_distillation_loss` takes the final hidden states and the head weight instead of logits and
 never holds [N, V] logits for all rows: a custom autograd function computes each chunk's logits, loss
 and closed-form gradients in the forward pass, keeps only grad w.r.t. hidden [N, H] and head weight
@@ -628,3 +637,301 @@ def chunked_distillation_loss(
                                    other_bucket, student_norm, chunk_size, False, False, False)[0]
         return _ChunkedHeadLoss.apply(h, w, b, t, ids, probs, row_scale, alpha, label_smoothing,
                                       other_bucket, student_norm, chunk_size, need_h, need_w, need_b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled caches (RS-KD): importance-weighted cross-entropy / KL over sampled ids
+# ---------------------------------------------------------------------------------------------------
+
+ESTIMATORS = ("unbiased", "self-normalised")
+OBJECTIVES = ("ce", "kl")
+
+
+def sample_weights(counts: torch.Tensor, target_logprobs: torch.Tensor, proposal_logprobs: torch.Tensor,
+                   estimator: str = "unbiased") -> torch.Tensor:
+    """Each sampled id's weight in the estimate: [N, m] in the math dtype (fp32, or float64).
+
+    Args:
+        counts: [N, m] draws of each id (0 = padding; a row sums to n >= 1).
+        target_logprobs: [N, m] log p(id) of the target: normalised for "unbiased"; for
+            "self-normalised" any per-row constant may be missing (log p~ = log p + const).
+        proposal_logprobs: [N, m] log q(id) of the proposal the draws came from.
+        estimator: "unbiased": w = c * p / q / n, whose row sum is an unbiased estimate of 1 (exactly
+            c / n when target == proposal); "self-normalised": w = c * p~ / q / sum(c * p~ / q), summing to 1.
+    Padding slots (count 0) get weight 0 whatever their log-probs hold.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}: use one of {ESTIMATORS}")
+    dtype = torch.promote_types(torch.promote_types(target_logprobs.dtype, proposal_logprobs.dtype), torch.float32)
+    real = counts > 0
+    log_ratio = (target_logprobs.to(dtype) - proposal_logprobs.to(dtype)).masked_fill(~real, float("-inf"))
+    c = counts.to(dtype)
+    if estimator == "unbiased":
+        n = c.sum(dim=-1, keepdim=True)
+        return torch.where(real, c * log_ratio.exp(), torch.zeros_like(c)) / n.clamp(min=1)
+    top = log_ratio.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row of target zeros stays 0
+    w = c * (log_ratio - top).exp()
+    return w / w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(dtype).tiny)
+
+
+def sampled_log_normaliser(counts: torch.Tensor, target_logprobs: torch.Tensor,
+                           proposal_logprobs: torch.Tensor) -> torch.Tensor:
+    """log Z^ per row [N], Z^ = (1/n) sum_i c_i p~(x_i) / q(x_i): an unbiased estimate of the target's
+    normaliser Z = sum_v p~(v) (exact in expectation; its log is only consistent, E[log Z^] <= log Z).
+    Inputs as in `sample_weights` (target_logprobs unnormalised, log p~)."""
+    dtype = torch.promote_types(torch.promote_types(target_logprobs.dtype, proposal_logprobs.dtype), torch.float32)
+    real = counts > 0
+    log_ratio = (target_logprobs.to(dtype) - proposal_logprobs.to(dtype)).masked_fill(~real, float("-inf"))
+    logc = counts.to(dtype).clamp(min=1).log()
+    n = counts.to(dtype).sum(dim=-1).clamp(min=1)
+    return torch.logsumexp(log_ratio + logc, dim=-1) - n.log()
+
+
+def _sampled_terms(counts, target_logprobs, proposal_logprobs, objective, estimator, target_entropy, valid):
+    """Weights [N, m] and each row's z-free term [N] (0 for CE; the entropy part of KL), 0 at ignored rows."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use one of {OBJECTIVES}")
+    keep = valid.unsqueeze(1)
+    counts = counts.masked_fill(~keep, 0)
+    lt, lq = target_logprobs.masked_fill(~keep, 0.0), proposal_logprobs.masked_fill(~keep, 0.0)
+    w = sample_weights(counts, lt, lq, estimator)
+    offset = w.new_zeros(w.shape[0])
+    if objective == "kl":
+        if target_entropy is not None:
+            offset = -_upcast(target_entropy.reshape(-1)).to(w.dtype)
+        else:
+            # sum_i w_i log p(x_i): the sampled estimate of -H(p); w = 0 where p = 0 (xlogy convention).
+            offset = torch.where(w > 0, w * lt.to(w.dtype), torch.zeros_like(w)).sum(-1)
+            if estimator == "self-normalised":
+                offset = offset - sampled_log_normaliser(counts, lt, lq)
+        offset = torch.where(valid, offset, torch.zeros_like(offset))
+    return w, offset
+
+
+def _check_samples(ids, counts, target_logprobs, proposal_logprobs, n_rows: int, what: str):
+    """Flatten the sampled tensors to [N, m] and check that they agree; returns (ids, counts, lt, lq)."""
+    if ids.is_floating_point() or counts.is_floating_point():
+        raise ValueError(f"sample_ids and sample_counts must be integers, got {ids.dtype} and {counts.dtype}")
+    m = ids.shape[-1]
+    flat = [t.reshape(-1, t.shape[-1]) for t in (ids, counts, target_logprobs, proposal_logprobs)]
+    if any(t.shape != (n_rows, m) for t in flat):
+        raise ValueError(
+            f"sampled tensors do not match {what} ({n_rows} rows): sample_ids {tuple(ids.shape)}, sample_counts "
+            f"{tuple(counts.shape)}, target_logprobs {tuple(target_logprobs.shape)}, proposal_logprobs "
+            f"{tuple(proposal_logprobs.shape)}; all must be [{n_rows}, m]")
+    return flat[0].long(), flat[1], flat[2], flat[3]
+
+
+def _check_sampled_rows(ids: torch.Tensor, counts: torch.Tensor, vocab_size: int) -> None:
+    """Counted rows: counts >= 0 summing to >= 1, sampled ids (count > 0) in the vocabulary."""
+    if counts.numel() == 0:
+        return
+    if int(counts.min()) < 0:
+        raise ValueError("sample_counts must be >= 0 (0 marks padding)")
+    if bool((counts.sum(-1) < 1).any()):
+        raise ValueError("a counted row has no samples (its counts sum to 0): mask it out (mask=False)")
+    real = ids[counts > 0]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab_size):
+        raise ValueError(f"sample_ids out of range [0, {vocab_size}): the teacher cache and student must share a "
+                         "vocabulary")
+
+
+def _prepare_sampled(sample_ids, sample_counts, target_logprobs, proposal_logprobs, objective, estimator,
+                     target_entropy, valid, vocab_size, what):
+    """Everything but the student: ids [N, m] (padding and ignored rows -> 0), weights [N, m], z-free rows [N]."""
+    n_rows = valid.shape[0]
+    ids, counts, lt, lq = _check_samples(sample_ids, sample_counts, target_logprobs, proposal_logprobs, n_rows, what)
+    if target_entropy is not None and target_entropy.numel() != n_rows:
+        raise ValueError(f"target_entropy has {target_entropy.numel()} rows but {what} {n_rows}")
+    _check_sampled_rows(ids[valid], counts[valid], vocab_size)
+    w, offset = _sampled_terms(counts, lt, lq, objective, estimator, target_entropy, valid)
+    ids = ids.masked_fill(~valid.unsqueeze(1) | (counts <= 0), 0)
+    return ids, w, offset
+
+
+def sampled_kd_loss(
+    student_logits: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    proposal_logprobs: torch.Tensor,
+    objective: str = "kl",
+    estimator: str = "unbiased",
+    target_entropy: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Cross-entropy or KL(target || student) over the full vocabulary, estimated from a sampled cache.
+
+    Per row, with draws x_i ~ q (n in all, id x_i drawn c_i times), target p and the student's
+    full-vocabulary softmax s:
+
+        CE^ = sum_i w_i * (-log s(x_i)),   KL^ = CE^ - H,   w_i = c_i p(x_i) / (n q(x_i))   ("unbiased")
+
+    E_q[CE^] = CE(p, s) = -sum_v p(v) log s(v) exactly, and E_q[grad_z CE^] = s - p, the full-distillation
+    gradient (the gradient is (sum_i w_i) s - w at the ids, linear in w). H is `target_entropy` when
+    given (exact, e.g. computed where the full distribution was seen), else the same samples' estimate
+    -sum_i w_i log p(x_i), also unbiased: KL^ = sum_i w_i log(p(x_i) / s(x_i)), whose rows can be < 0.
+    When the target is the proposal (sampled at the target's own temperature) every p / q is exactly
+    1 and CE^ is the count-weighted CE (1/n) sum_i c_i (-log s(x_i)).
+
+    "self-normalised" takes an unnormalised target log p~ (its normaliser unknown) and weights
+    w_i = c_i p~/q / sum_j c_j p~/q; in KL, log p(x_i) is log p~(x_i) - log Z^ (`sampled_log_normaliser`).
+    It is consistent, not unbiased: its bias is O(1/n) once n is large against 1 / p of the ids that
+    carry the weight (tests measure n * bias settling); below that it need not even shrink with n.
+
+    Args:
+        student_logits: [N, V] (or [..., V]) student logits, any float dtype (math in fp32 or float64).
+        sample_ids: [N, m] int sampled ids (first_kd.engines.sampling.SampledRows.ids; padding anywhere).
+        sample_counts: [N, m] int draws per id, 0 = padding; counted rows sum to n >= 1.
+        target_logprobs: [N, m] log p(id) of the target (first_kd.temperature builds them per id).
+        proposal_logprobs: [N, m] log q(id) of the distribution the draws came from.
+        objective: "kl" (default) or "ce"; they differ by a constant, so their gradients are equal.
+        estimator: "unbiased" or "self-normalised" (see above).
+        target_entropy: [N] H(p) per row for "kl", or None to estimate it from the samples.
+        reduction: "mean" over counted rows, "sum", or "none" ([...] per row, 0 at ignored rows).
+        mask: [N] bool, False for rows to ignore (they may hold garbage: no samples, NaN log-probs).
+
+    Returns:
+        a scalar in the math dtype, or per-row losses for "none".
+    """
+    _check_options(0.0, 0.0, reduction)
+    lead_shape = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    z = _upcast(student_logits.reshape(-1, V))
+    valid = target_mask(None, mask, z.shape[0]).to(z.device)
+    if valid.shape[0] != z.shape[0]:
+        raise ValueError(f"mask has {valid.shape[0]} rows but the logits {z.shape[0]}")
+    lt, lq = (t.to(torch.promote_types(t.dtype, z.dtype)) for t in (target_logprobs, proposal_logprobs))
+    ids, w, offset = _prepare_sampled(sample_ids, sample_counts, lt, lq, objective, estimator, target_entropy,
+                                      valid, V, "the logits")
+    w = w.to(z.dtype)
+    neg_logs = torch.logsumexp(z, dim=-1, keepdim=True) - z.gather(1, ids)
+    rows = (w * neg_logs).sum(-1) + offset.to(z.dtype)
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    return _reduce(rows, valid, reduction, lead_shape)
+
+
+def _sampled_chunks(hidden, weight, bias, ids, w, row_scale, chunk_size, need_h, need_w, need_b):
+    """sum_rows row_scale * sum_i w_i (lse - z_{x_i}) of z = hidden @ weight.T (+ bias), chunk by chunk,
+    with its gradients w.r.t. hidden [N, H], weight [V, H], bias [V] (closed form: dz = (sum w) s - w at ids)."""
+    math_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    wide = hidden.dtype == math_dtype
+    loss = hidden.new_zeros((), dtype=math_dtype)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = weight.new_zeros(weight.shape, dtype=math_dtype) if need_w else None
+    grad_b = weight.new_zeros((weight.shape[0],), dtype=math_dtype) if need_b else None
+    want_grad = need_h or need_w or need_b
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, min(start + chunk_size, hidden.shape[0]))
+        h, wc, ic = hidden[sl], w[sl].to(math_dtype), ids[sl]
+        z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        z = z.to(math_dtype)
+        lse = torch.logsumexp(z, dim=1, keepdim=True)
+        loss += (wc * (lse - z.gather(1, ic))).sum() * row_scale
+        if not want_grad:
+            continue
+        dz = z.sub_(lse).exp_().mul_(wc.sum(1, keepdim=True) * row_scale)  # in place: (sum w) * softmax
+        dz.scatter_add_(1, ic, -wc * row_scale)
+        dz_c = dz if wide else dz.to(hidden.dtype)
+        if need_h:
+            torch.mm(dz_c, weight, out=grad_h[sl])
+        if need_w:
+            if wide:
+                grad_w.addmm_(dz_c.t(), h)
+            else:
+                grad_w.add_(torch.mm(dz_c.t(), h).to(math_dtype))
+        if need_b:
+            grad_b.add_(dz.sum(0))
+    return loss, grad_h, grad_w, grad_b
+
+
+class _ChunkedSampledLoss(torch.autograd.Function):
+    """`_sampled_chunks` as an autograd function: gradients computed in forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, w, row_scale, chunk_size, need_h, need_w, need_b):
+        loss, grad_h, grad_w, grad_b = _sampled_chunks(hidden, weight, bias, ids, w, row_scale, chunk_size,
+                                                       need_h, need_w, need_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
+        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
+        return (gh, gw, gb) + (None,) * 7
+
+
+def chunked_sampled_kd_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    sample_ids: torch.Tensor,
+    sample_counts: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    proposal_logprobs: torch.Tensor,
+    objective: str = "kl",
+    estimator: str = "unbiased",
+    target_entropy: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
+    head_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`sampled_kd_loss(hidden @ head_weight.T + head_bias, ...)` without materialising [N, V].
+
+    Args:
+        hidden: [N, H] (or [..., H]) final hidden states at the target positions.
+        head_weight: [V, H] output embedding; head_bias: [V] or None.
+        sample_ids, sample_counts, target_logprobs, proposal_logprobs, objective, estimator, target_entropy,
+            mask: as in `sampled_kd_loss`.
+        chunk_size: rows per chunk; peak extra memory is about 2 * chunk_size * V values of the math dtype.
+        reduction: "mean" or "sum".
+
+    Returns:
+        a scalar in the math dtype, differentiable (once) w.r.t. hidden, head_weight and head_bias.
+    """
+    _check_options(0.0, 0.0, reduction)
+    if reduction == "none":
+        raise ValueError("chunked_sampled_kd_loss supports reduction 'mean' or 'sum'; "
+                         "use sampled_kd_loss on logits for per-row losses")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    H = hidden.shape[-1]
+    if head_weight.dim() != 2 or head_weight.shape[1] != H:
+        raise ValueError(f"head_weight must be [V, {H}] to match hidden, got {tuple(head_weight.shape)}")
+    V = head_weight.shape[0]
+    if head_bias is not None and head_bias.shape != (V,):
+        raise ValueError(f"head_bias must be [{V}], got {tuple(head_bias.shape)}")
+    h = hidden.reshape(-1, H)
+    valid = target_mask(None, mask, h.shape[0]).to(h.device)
+    if valid.shape[0] != h.shape[0]:
+        raise ValueError(f"mask has {valid.shape[0]} rows but hidden {h.shape[0]}")
+    math = torch.promote_types(torch.promote_types(h.dtype, head_weight.dtype), torch.float32)
+    lt, lq = (t.to(torch.promote_types(t.dtype, math)) for t in (target_logprobs, proposal_logprobs))
+    ids, w, offset = _prepare_sampled(sample_ids, sample_counts, lt, lq, objective, estimator, target_entropy,
+                                      valid, V, "hidden")
+    keep = valid.nonzero().squeeze(1)
+    n_valid = int(keep.numel())
+    h, ids, w = h.index_select(0, keep), ids.index_select(0, keep), w.index_select(0, keep)
+    row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    dtype = torch.promote_types(h.dtype, head_weight.dtype)
+    wt = head_weight.to(dtype)
+    b = head_bias.to(dtype) if head_bias is not None else None
+    h = h.to(dtype).contiguous()
+    need_h = torch.is_grad_enabled() and h.requires_grad
+    need_w = torch.is_grad_enabled() and wt.requires_grad
+    need_b = torch.is_grad_enabled() and b is not None and b.requires_grad
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        if not (need_h or need_w or need_b):
+            with torch.no_grad():
+                loss = _sampled_chunks(h, wt, b, ids, w, row_scale, chunk_size, False, False, False)[0]
+        else:
+            loss = _ChunkedSampledLoss.apply(h, wt, b, ids, w, row_scale, chunk_size, need_h, need_w, need_b)
+    return loss + offset.sum().to(loss.dtype) * row_scale
