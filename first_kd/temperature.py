@@ -22,6 +22,28 @@ authors' `--use_norm`): "auto" follows the store's temperature record (the forms
 "prob-softmax" force one form (its temperature taken from a record of that form, else 1); "linear" is
 (p + eps) / sum(p + eps), no temperature. `smoothing` is the paper's "Distill w/ LS" baseline: a fraction
 of the top-1 probability is spread evenly over the other k - 1 ids.
+
+Sampled caches (RS-KD: n draws per position from a proposal q, first_kd.engines.sampling): the loss
+(first_kd.losses.sampled_kd_loss) needs the target's log-prob at each *sampled* id, which for a
+full-vocabulary target needs its normaliser. What is exact, and what only consistent:
+  * The target `distill --loss first` trains on, extended to the vocabulary ("the bucket target"):
+    p_t(v) = (1 - rest) * tempered top-k(v) on the top-k ids, and the teacher's own p(v) on every other
+    id (its tail keeps its mass, as the bucket does, and now its shape). Its normaliser is the top-k's,
+    so `sampled_target_logprobs` gives p_t at any sampled id *exactly* from the position's top-k alone,
+    for both forms and any value fitted after the cache was written (the fit reads a top-k store, as
+    today). The estimate of CE / KL / the gradient is then exactly unbiased. This is the route for
+    sampled caches: cache the top-k as now plus n draws from the teacher at temperature 1 (the
+    paper's proposal); every tail draw has weight 1 and a top-k draw p_t / p.
+  * Full-vocabulary temperature scaling p_T(v) = p(v)^(1/T) / Z_T ("logit" form over V): exact only
+    when T is known when the cache is written: sample with proposal = p_T (`sample_rows(...,
+    proposal_temperature=T)`; every weight is 1, the loss is the count-weighted CE), or record
+    log Z_T (`full_log_normaliser`) and use `full_tempered_logprobs`. For a T fitted afterwards, Z_T
+    (a sum over V) is not in the cache: pass log p(x)/T as an unnormalised target to the
+    "self-normalised" estimator; its Z^ is unbiased but CE / KL are only consistent, bias O(1/n), and
+    with a temperature-1 proposal and T > 1 its variance grows with the tail's size.
+  * The "prob" form over the full vocabulary, softmax(p / c) over V, is not offered: every tail token
+    gets exp(~0) = 1, so with V = 32,000 and c = 0.5 a top-1 of p = 0.9 keeps e^1.8 / ~32,000 = 2e-4 of
+    the mass. FIRST's prob form exists on the top-k; sampled caches use it through the bucket target.
 """
 
 from __future__ import annotations
@@ -135,3 +157,60 @@ def describe(record: Optional[dict]) -> str:
         return "raw"
     symbol = "c" if record.get("form") == "prob" else "T"
     return f"{record.get('form')} {symbol}={float(record.get('value')):.4g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled caches: the target's log-probability at each sampled id (see the module docstring)
+# ---------------------------------------------------------------------------------------------------
+
+
+def sampled_target_logprobs(sample_ids: torch.Tensor, sample_logprobs: torch.Tensor, topk_ids: torch.Tensor,
+                            topk_logprobs: torch.Tensor, topk_target: torch.Tensor) -> torch.Tensor:
+    """log p_t at each sampled id for the bucket target: exact, from the position's top-k alone.
+
+    Args:
+        sample_ids: [..., m] sampled ids (padding slots may hold anything; their value is meaningless).
+        sample_logprobs: [..., m] the teacher's full-vocabulary log-probs (temperature 1) at those ids.
+        topk_ids: [..., k] the position's top-k ids (distinct); topk_logprobs: [..., k] their raw log-probs.
+        topk_target: [..., k+1] the top-k target with the other bucket last, e.g.
+            ``teacher_target(topk_logprobs, record, other_bucket=True)`` (any form, value, norm, smoothing).
+    Returns:
+        [..., m] (fp32, or float64 inputs' dtype): log topk_target at an id in the top-k; elsewhere the
+        teacher's own log p(id) scaled by target rest / teacher rest (the ratio is 1 for `teacher_target`,
+        whose bucket keeps the teacher's rest), so the tail keeps the teacher's shape. Summed over the
+        whole vocabulary the result is sum(topk_target) = 1.
+    """
+    dtype = torch.promote_types(torch.promote_types(sample_logprobs.dtype, topk_target.dtype), torch.float32)
+    hit = sample_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)  # [..., m, k]
+    col = hit.long().argmax(dim=-1)
+    head = torch.log(topk_target[..., :-1].to(dtype)).gather(-1, col)
+    log_rest_teacher = other_mass_logprob(topk_logprobs).to(dtype)
+    scale = torch.log(topk_target[..., -1].to(dtype)) - log_rest_teacher
+    # A top-k holding all the mass leaves no tail to draw from; keep such (impossible) draws finite.
+    scale = torch.where(torch.isfinite(log_rest_teacher), scale, torch.zeros_like(scale))
+    tail = sample_logprobs.to(dtype) + scale.unsqueeze(-1)
+    return torch.where(hit.any(dim=-1), head, tail)
+
+
+def full_log_normaliser(full_logprobs: torch.Tensor, value: float) -> torch.Tensor:
+    """log Z_T = log sum_v p(v)^(1/T) of full-vocabulary temperature scaling ("logit" form over V).
+
+    Args:
+        full_logprobs: [..., V] the teacher's log-softmax at temperature 1 over the whole vocabulary
+            (where it exists: when the cache is written); value: T > 0.
+    Returns:
+        [...] (fp32, or float64); 0 at T = 1.
+    """
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite number > 0, got {value}")
+    lp = full_logprobs.to(torch.promote_types(full_logprobs.dtype, torch.float32))
+    return torch.logsumexp(lp / value, dim=-1)
+
+
+def full_tempered_logprobs(logprobs: torch.Tensor, value: float, log_normaliser: torch.Tensor) -> torch.Tensor:
+    """log p_T(id) = log p(id) / T - log Z_T at any ids: [..., m] from [..., m] log-probs and [...] log Z_T
+    (`full_log_normaliser`). Exact given the true log Z_T; with an estimate it is only as good as that."""
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite number > 0, got {value}")
+    lp = logprobs.to(torch.promote_types(logprobs.dtype, torch.float32))
+    return lp / value - log_normaliser.to(lp.dtype).unsqueeze(-1)
