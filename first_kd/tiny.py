@@ -15,20 +15,30 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None,
-                    split_digits: bool = False):
+                    split_digits: bool = False, pieces: str | None = None):
     """Train a byte-level BPE tokenizer on `texts`; return a transformers fast tokenizer.
 
     `split_digits` makes every digit its own token (as Llama and Qwen tokenizers do), which arithmetic
     tasks need: a BPE free to merge "47" into one token hides the digits the model must add.
+    `pieces` (a regular expression) replaces the byte-level split (GPT-2's: words, numbers, punctuation and
+    spaces apart): the text is cut into the regex's matches and the stretches between them, and no token
+    spans two pieces, so a frequent piece can become one token, e.g. a coordinate pair " 3 4" (the maze
+    demo's PIECES, first_kd/demo/maze.py).
     Saved to `out_dir` (tokenizer.json + config) when given.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if split_digits and pieces:
+        raise ValueError("give split_digits or pieces, not both")
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    if pieces:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pieces), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
