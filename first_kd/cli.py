@@ -36,7 +36,8 @@ COMMANDS = {
                "collect evaluation runs into report.md / report.json with reliability figures"),
     "demo": ("first_kd.demo.main", "DemoConfig", "run_demo",
              "the whole pipeline on tiny models and data built locally (CPU, minutes); --suite reasoning for teacher-written "
-             "rationales, --suite system2 for System-2 distillation of a prompt program"),
+             "rationales, --suite system2 for System-2 distillation of a prompt program, --suite maze for Dualformer "
+             "on A* search traces"),
 }
 
 

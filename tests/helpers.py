@@ -126,6 +126,43 @@ def build_letter_sure_model(out_dir, tokenizer, scale: float = 60.0) -> Path:
     return model_dir
 
 
+def write_fixed_text_model(model_dir, text: str, after: list[str], margin: float = 200.0) -> list[int]:
+    """Set the weights of the tiny Llama in `model_dir` so that after any prompt whose last token is the last
+    token of one of `after` it writes `text` and then EOS, with certainty at any sampling temperature (returns
+    the ids it writes, EOS last): what a demo step makes of it is then known on any machine.
+
+    A bigram model: the attention and MLP blocks output zero, so the last hidden state is the current token's
+    embedding. Direction 0 leads from the `after` tokens to the text's first token; each token of the text has a
+    direction of its own whose output row is its successor's by `margin` logits, so every other token's
+    probability underflows to 0. Every other token shares one direction whose logits fall with the token id (no
+    ties). The text's tokens must be distinct, and distinct from the `after` tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    written = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    starts = sorted({tok(a, add_special_tokens=False)["input_ids"][-1] for a in after})
+    keys, hidden = written[:-1], model.config.hidden_size
+    assert len(set(keys + starts)) == len(keys) + len(starts) and len(keys) + 2 < hidden, \
+        ("a bigram needs distinct tokens", tok.convert_ids_to_tokens(starts + written))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1.0)
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb[:, hidden - 1] = 1.0
+        head[:, hidden - 1] = -torch.arange(head.shape[0], dtype=head.dtype) / head.shape[0]
+        for token in starts:
+            emb[token, hidden - 1], emb[token, 0] = 0.0, 1.0
+        head[written[0], 0] = margin / hidden ** 0.5  # the final RMSNorm scales a one-hot by sqrt(hidden)
+        for i, (token, successor) in enumerate(zip(keys, written[1:]), start=1):
+            emb[token, hidden - 1], emb[token, i] = 0.0, 1.0
+            head[successor, i] = margin / hidden ** 0.5
+    model.save_pretrained(str(model_dir))
+    return written
+
+
 # ----------------------------------------------------------------------------------------------
 # Outputs on disk, and the CLI in a subprocess
 

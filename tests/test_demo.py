@@ -342,7 +342,7 @@ def test_every_recipe_validates_against_its_commands(path):
 
 
 @pytest.mark.parametrize("name, suite", [("demo.yaml", "calibration"), ("demo-reasoning.yaml", "reasoning"),
-                                              ("demo-system2.yaml", "system2")])
+                                              ("demo-system2.yaml", "system2"), ("demo-maze.yaml", "maze")])
 def test_demo_yaml_is_the_default_run(name, suite):
     path = REPO / "configs" / name
     first_line = path.read_text().splitlines()[0]

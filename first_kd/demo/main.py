@@ -1,6 +1,6 @@
 """`first-kd demo`: the options of every suite (DemoConfig) and the dispatch to the chosen suite.
 
-Each suite is a module of this package (calibration, reasoning, system2) with the same four public names:
+Each suite is a module of this package (calibration, reasoning, system2, maze) with the same four public names:
 DEFAULTS (its values of the suite-dependent options), check_options(cfg) (its own option checks),
 run(cfg) (the suite on a resolved DemoConfig) and the task and pipeline it describes. They share
 first_kd.demo.runner, and every step they take is a public command run through first_kd.cli.main.
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from first_kd.config import option
-from first_kd.demo import calibration, reasoning, system2
+from first_kd.demo import calibration, maze, reasoning, system2
 from first_kd.demo.runner import require
 from first_kd.errors import FirstKDError
 
 # --suite NAME -> the module that runs it.
-SUITE_MODULES = {"calibration": calibration, "reasoning": reasoning, "system2": system2}
+SUITE_MODULES = {"calibration": calibration, "reasoning": reasoning, "system2": system2, "maze": maze}
 SUITES = tuple(SUITE_MODULES)
 # Options whose default depends on the suite: None in a config means "the suite's default". An option
 # that only one suite has is refused with the other (it would silently do nothing).
@@ -36,11 +36,13 @@ def suite_option(name: str, help: str):
 class DemoConfig:
     out: Optional[str] = option(None, help="directory for everything the demo writes (data, models, stores, "
                                            "runs, evaluations, report.md, report.json, commands.sh)")
-    suite: Literal["calibration", "reasoning", "system2"] = option(
+    suite: Literal["calibration", "reasoning", "system2", "maze"] = option(
         "calibration", help="calibration: FIRST on a noisy-label multiple-choice task (first_kd/demo/calibration.py); "
                             "reasoning: teacher-written rationales, self-consistency filtering and fast/slow "
                             "trace dropping on multi-digit addition (first_kd/demo/reasoning.py); system2: System-2 "
-                            "distillation of a Rephrase-and-Respond program on coin flips (first_kd/demo/system2.py)")
+                            "distillation of a Rephrase-and-Respond program on coin flips (first_kd/demo/system2.py); "
+                            "maze: Dualformer (randomised A* traces, fast/slow markers) against full-trace and "
+                            "solution-only students on mazes built here (first_kd/demo/maze.py)")
     seed: int = option(0, help="seed of the task world, the label noise, the model initialisations and data order")
     # --- the task -----------------------------------------------------------------------------------
     n_items: Optional[int] = suite_option("n_items", "calibration: objects in the made-up world (their hidden "
@@ -56,6 +58,9 @@ class DemoConfig:
     direct_share: Optional[float] = suite_option(
         "direct_share", "system2: share of the teacher's questions that also teach it the direct answer (the rest "
                         "teach only the program's rephrasing, so System 1 is the route it was barely shown)")
+    maze_size: Optional[int] = suite_option("maze_size", "maze: side of the square grid (cells per row)")
+    wall_density: Optional[float] = suite_option("wall_density", "maze: probability that a cell is a wall (only "
+                                                                  "solvable mazes are kept)")
     n_teacher: Optional[int] = suite_option("n_teacher", "questions the teacher is fine-tuned on (never seen by "
                                                           "the students)")
     n_train: Optional[int] = suite_option("n_train", "questions the students are trained on")
@@ -81,15 +86,23 @@ class DemoConfig:
                                                          "(prob: FIRST's softmax(p / c))")
     # --- the reasoning suite's teacher-written targets ------------------------------------------------
     samples: Optional[int] = suite_option("samples", "reasoning, system2: rationales (program runs) the teacher "
-                                                      "writes per train question")
+                                                      "writes per train question; maze: plans each student samples "
+                                                      "per maze (plan diversity)")
     sample_temperature: Optional[float] = suite_option("sample_temperature",
-                                                        "reasoning, system2: sampling temperature of those rationales")
+                                                        "reasoning, system2, maze: sampling temperature of those "
+                                                        "rationales (plans)")
     agreement: Optional[float] = suite_option("agreement", "reasoning, system2: self-consistency threshold (share of the "
                                                             "samples that must give the majority answer)")
     max_per_question: Optional[int] = suite_option("max_per_question", "reasoning: correct rationales kept per "
                                                                         "question (Fine-tune-CoT)")
     trace_levels: Optional[str] = suite_option("trace_levels", "reasoning: trace drop levels of the dual-mode "
                                                                 "student (0 = full trace, 1 = answer only)")
+    trace_probs: Optional[str] = suite_option(
+        "trace_probs", "maze: probabilities p0..p4 of the dual-mode student's trace levels, drawn per example and "
+                       "epoch (L0 full A* trace, L1 no close clauses, L2 also no costs, L3 also 30 percent of the creates "
+                       "dropped, L4 no trace: fast mode)")
+    diversity_mazes: Optional[int] = suite_option("diversity_mazes", "maze: test mazes whose plans are sampled "
+                                                                      "--samples times each (plan diversity)")
     threads: int = option(1, help="torch CPU threads; tiny models run fastest on one, and more threads "
                                   "on a shared machine spin against each other")
 
@@ -113,16 +126,20 @@ class DemoConfig:
         r = self.resolved()
         # A suite without a split (system2 has no val) leaves its size None.
         sizes = [v for v in (r.n_teacher, r.n_train, r.n_val, r.n_test) if v is not None]
+        # A suite without a teacher (maze) leaves the teacher's options None too.
+        hidden = [v for v in (r.teacher_hidden, r.student_hidden) if v is not None]
+        layers = [v for v in (r.teacher_layers, r.student_layers) if v is not None]
+        steps = [v for v in (r.teacher_steps, r.student_steps) if v is not None]
+        lrs = [v for v in (r.teacher_lr, r.student_lr) if v is not None]
         checks = [
             (min(sizes) >= 1,
              "--n-teacher, --n-train, --n-val and --n-test must all be >= 1"),
             (r.vocab_size >= 300, f"--vocab-size must be >= 300 (256 bytes + merges); got {r.vocab_size}"),
-            (min(r.teacher_hidden, r.teacher_layers, r.student_hidden, r.student_layers, r.heads) >= 1,
-             "model sizes must be >= 1"),
-            (r.teacher_hidden % r.heads == 0 and r.student_hidden % r.heads == 0,
+            (min(*hidden, *layers, r.heads) >= 1, "model sizes must be >= 1"),
+            (all(h % r.heads == 0 for h in hidden),
              f"--teacher-hidden and --student-hidden must be multiples of --heads ({r.heads})"),
-            (r.teacher_steps >= 1 and r.student_steps >= 1, "--teacher-steps and --student-steps must be >= 1"),
-            (r.teacher_lr > 0 and r.student_lr > 0, "--teacher-lr and --student-lr must be > 0"),
+            (min(steps) >= 1, "--teacher-steps and --student-steps must be >= 1"),
+            (min(lrs) > 0, "--teacher-lr and --student-lr must be > 0"),
             (r.batch_size >= 1, f"--batch-size must be >= 1; got {r.batch_size}"),
             (r.threads >= 1, f"--threads must be >= 1; got {r.threads}"),
         ]
