@@ -31,7 +31,7 @@ The story, every step a public command (DIR/commands.sh)
    full_trace     the full trace and the plan, no marker (Searchformer's data);
    solution_only  the plan alone;
 2. `evaluate --modes`: greedy completions of the test mazes; dualformer in slow and fast mode (marker forced) and
-   auto (the marker drawn from the student's own probabilities of the two, then greedy: `evaluate`'s auto mode),
+   auto (the marker drawn from the student's own probabilities of the two with --auto-seed, then greedy),
    the baselines in their one mode (auto: a model trained without markers just answers);
 3. `generate --samples S --temperature T`: S completions per maze of the first `diversity_mazes` test mazes, for
    plan diversity; dualformer's modes forced by the marker written at the end of its prompt (tokenized as training
@@ -249,7 +249,8 @@ def evaluation_steps(cfg, lay: Layout) -> list[Step]:
         steps.append(Step(
             f"evaluate {label}", ["evaluate", "--model", str(lay.runs / label / "model"), "--data",
                                   str(lay.split("test")), "--modes", modes, *completion_options(cfg),
-                                  "--batch-size", "50", "--label", label, "--out", str(lay.evals / label)],
+                                  "--auto-seed", str(cfg.seed), "--batch-size", "50", "--label", label,
+                                  "--out", str(lay.evals / label)],
             lambda s=label: (lay.evals / s / "metrics.json").is_file(),
             f"{label} solves the test mazes (greedy), modes {modes}"))
     for name, label, mode in DIVERSITY:
