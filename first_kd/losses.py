@@ -528,6 +528,13 @@ def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps
     return loss, grad_h, grad_w, grad_b
 
 
+def _scaled_saved_grads(ctx, grad_out: torch.Tensor) -> tuple:
+    """The (hidden, weight, bias) gradients a chunked loss computed in forward, times the upstream gradient, in
+    the inputs' dtypes. Out of place, so a second backward (retain_graph) sees the unscaled gradients again."""
+    return tuple((g * grad_out).to(dtype) if g is not None else None
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Loss of hidden @ weight.T (+ bias) with gradients computed chunk by chunk in forward."""
 
@@ -545,13 +552,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        # Out of place, so a second backward (retain_graph) sees the unscaled gradients again.
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return (gh, gw, gb) + (None,) * 12
+        return _scaled_saved_grads(ctx, grad_out) + (None,) * 12
 
 
 def chunked_distillation_loss(
@@ -861,12 +862,7 @@ class _ChunkedSampledLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
-        gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return (gh, gw, gb) + (None,) * 7
+        return _scaled_saved_grads(ctx, grad_out) + (None,) * 7
 
 
 def chunked_sampled_kd_loss(
