@@ -23,7 +23,7 @@ from first_kd.config import build
 from first_kd.demo import system2
 from first_kd.demo.main import DemoConfig
 from first_kd.errors import FirstKDError
-from helpers import assert_checks_hold_as_stated, read_jsonl
+from helpers import assert_checks_hold_as_stated, read_jsonl, write_fixed_text_model
 
 pytestmark = pytest.mark.usefixtures("torch_threads_restored")  # the demo sets --threads
 
@@ -101,40 +101,6 @@ SHORT = ["suite=system2", "people=3", "n_teacher=16", "n_train=8", "n_test=6", "
 FIXED_TEXT = " The answer is yes"
 
 
-def write_fixed_text_teacher(model_dir: Path, text: str, after: list[str], margin: float = 200.0) -> list[int]:
-    """The tiny Llama in `model_dir` set to write `text` and then EOS after any prompt whose last token is the
-    last token of one of `after`, with certainty at any sampling temperature (returns the ids it writes).
-
-    The bigram construction of tests/test_demo_reasoning.py, with several tokens leading into the chain: the
-    attention and MLP blocks output zero, every token of the chain has a direction of its own whose output row
-    is its successor's by `margin` logits; every other token shares one direction whose logits fall with the
-    token id (no ties)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    written = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    starts = sorted({tok(a, add_special_tokens=False)["input_ids"][-1] for a in after})
-    keys, hidden = written[:-1], model.config.hidden_size
-    assert len(set(keys + starts)) == len(keys) + len(starts) and len(keys) + 2 < hidden
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        model.model.norm.weight.fill_(1.0)
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        emb[:, hidden - 1] = 1.0
-        head[:, hidden - 1] = -torch.arange(head.shape[0], dtype=head.dtype) / head.shape[0]
-        for token in starts:  # direction 0 leads to the text's first token
-            emb[token, hidden - 1], emb[token, 0] = 0.0, 1.0
-        head[written[0], 0] = margin / hidden ** 0.5  # the final RMSNorm scales a one-hot by sqrt(hidden)
-        for i, (token, successor) in enumerate(zip(keys, written[1:]), start=1):
-            emb[token, hidden - 1], emb[token, i] = 0.0, 1.0
-            head[successor, i] = margin / hidden ** 0.5
-    model.save_pretrained(str(model_dir))
-    return written
-
-
 def run_with_fixed_teacher(out: Path, monkeypatch) -> tuple[int, list[list[str]], list[int]]:
     """The short demo through first_kd.cli.main, recording every command's argv; when the teacher's fine-tuning
     returns, its model becomes a fixed-text teacher writing FIXED_TEXT after both kinds of prompt."""
@@ -146,7 +112,7 @@ def run_with_fixed_teacher(out: Path, monkeypatch) -> tuple[int, list[list[str]]
         code = real_main(argv)
         if argv[0] == "distill" and argv[argv.index("--out") + 1] == str(out / "runs" / "teacher"):
             question = read_jsonl(out / "data" / "train.jsonl")[0]["question"]
-            fixed.extend(write_fixed_text_teacher(out / "runs" / "teacher" / "model", FIXED_TEXT,
+            fixed.extend(write_fixed_text_model(out / "runs" / "teacher" / "model", FIXED_TEXT,
                                                   [question, system2.program_prompt(question)]))
         return code
 
