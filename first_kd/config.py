@@ -230,3 +230,15 @@ def builtin_or_file(name_or_file: str, directory: Path, flag: str, kind: str) ->
         return builtin
     raise FirstKDError(f"{flag} {name_or_file}: no such file and no built-in {kind} of that name (built-in: "
                        f"{', '.join(builtin_names(directory)) or 'none found'}); give a {kind} name or a YAML file")
+
+
+def read_yaml_file(path: Path, what: str) -> tuple[object, str]:
+    """(parsed YAML, text) of a built-in or user file; a syntax error is a one-line FirstKDError naming `what`
+    (e.g. "program", "trace spec"), the file and the line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise FirstKDError(f"{what} {path}{'' if line is None else f' line {line + 1}'} is not valid YAML: fix "
+                           f"the syntax") from None

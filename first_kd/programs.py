@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from first_kd.config import builtin_names, builtin_or_file
+from first_kd.config import builtin_names, builtin_or_file, read_yaml_file
 from first_kd.errors import FirstKDError
 
 PROGRAMS_DIR = Path(__file__).resolve().parents[1] / "configs" / "programs"
@@ -197,16 +197,8 @@ def _check_stage_refs(path: str, where: str, template: str, stages: list[str], a
 def load_program(name_or_file: str) -> Program:
     """The program `name_or_file` names (a built-in name or a YAML file), parsed and checked: any problem is a
     one-line FirstKDError naming the file and the field."""
-    import yaml
-
     path = program_path(name_or_file)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise FirstKDError(f"program {path}{'' if line is None else f' line {line + 1}'} is not valid YAML: fix "
-                           f"the syntax") from None
+    raw, text = read_yaml_file(path, "program")
     if not isinstance(raw, dict):
         raise _fail(str(path), "file", "must hold a mapping (name, stages, ...)")
     p = str(path)

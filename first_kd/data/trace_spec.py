@@ -37,7 +37,7 @@ import re
 from pathlib import Path
 
 from first_kd.data.traces import Level, Op, TraceSpec, check_probs
-from first_kd.config import builtin_names, builtin_or_file
+from first_kd.config import builtin_names, builtin_or_file, read_yaml_file
 from first_kd.errors import FirstKDError
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "configs" / "traces"
@@ -178,16 +178,8 @@ def parse_spec(raw, path: str, text: str = "") -> TraceSpec:
 def load_trace_spec(name_or_file: str) -> TraceSpec:
     """The spec `name_or_file` names (a built-in name or a YAML file), parsed and checked: any problem is a
     one-line FirstKDError naming the file and the key."""
-    import yaml
-
     path = spec_path(name_or_file)
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise FirstKDError(f"trace spec {path}{'' if line is None else f' line {line + 1}'} is not valid YAML: fix "
-                           f"the syntax") from None
+    raw, text = read_yaml_file(path, "trace spec")
     return parse_spec(raw, str(path), text)
 
 
