@@ -84,7 +84,8 @@ def target_rank(topk_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Where each target sits in its row of top-k ids.
 
     Args:
-        topk_ids: [N, k] integer ids (distinct within a row); targets: [N] integer token ids.
+        topk_ids: [N, k] integer ids (distinct within a row; negative at padding columns of variable-k rows,
+            which never match); targets: [N] integer token ids.
     Returns:
         [N] int64: the column of the target in its row, or -1 when it is not among the k ids.
     """
@@ -92,7 +93,7 @@ def target_rank(topk_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     targets = np.asarray(targets)
     if topk_ids.ndim != 2 or targets.shape != (topk_ids.shape[0],):
         raise ValueError(f"expected topk_ids [N, k] and targets [N], got {topk_ids.shape} and {targets.shape}")
-    hit = topk_ids == targets[:, None]
+    hit = (topk_ids == targets[:, None]) & (topk_ids >= 0)
     return np.where(hit.any(axis=1), hit.argmax(axis=1), -1).astype(np.int64)
 
 
@@ -112,7 +113,8 @@ def top_label(topk_logprobs, ranks, form: Optional[str] = None, value: float = 1
     """The calibrated quantities at each position (see the module docstring).
 
     Args:
-        topk_logprobs: [N, k] raw top-k log-probs; ranks: [N] column of the target, -1 if outside.
+        topk_logprobs: [N, k] raw top-k log-probs (-inf at the padding columns of variable-k rows, which get
+            probability 0); ranks: [N] column of the target, -1 if outside.
         form, value: the temperature, as in `teacher_distribution` (None = renormalised top-k).
     Returns:
         dict of float64 numpy [N]: "confidence" (max prob), "correct" (argmax column == rank, first

@@ -17,6 +17,14 @@ Definitions (per target position, i.e. per row):
     (1 - eps) * nll + eps * mean_over_vocab(-log q).
   * mix: (1 - alpha) * KL + alpha * CE. Without a teacher the loss is CE, whatever alpha is.
 
+Variable-k rows (top-p caches, rows of different k in one batch): teacher_ids / teacher_probs are padded
+to [N, k_max], a row's real columns first, then padding columns with a negative id (-1) and teacher
+probability 0 (first_kd.temperature gives exactly that from the cache's -inf log-probs). Column 0 of a
+counted row is real. The student's side ignores padding columns entirely (its softmax over the ids, its
+rest mass with the other bucket and the prob-softmax / linear normalisations are over the real ids only),
+so a padded row's loss and gradients are those of the row with its real columns alone; the other bucket
+stays the last column (index k_max). `_pad_columns` is the one place a padding column is recognised.
+
 Which rows count (ignore conventions): a row is a target position when ``targets != ignore_index``
 (-100, the Hugging Face / PyTorch convention) and, if a boolean ``mask`` [N] is given, ``mask`` is True.
 Other rows (padding, prompt tokens) contribute nothing to the value or the gradient, whatever their
@@ -141,18 +149,35 @@ def _loss_terms(teacher_ids, teacher_probs, targets, n_rows: int, alpha: float, 
     return ids, probs, use_kl, use_ce
 
 
-def _check_ids(ids: torch.Tensor, vocab_size: int) -> None:
-    """Ids of counted rows must be in range and distinct within a row (as torch.topk gives)."""
+def _pad_columns(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(safe_ids, pad) for teacher ids [N, k]: pad is True at padding columns (negative ids), and safe_ids
+    holds the row's column-0 id there, so gathers and scatters stay in range (the caller makes the values
+    at those columns neutral: a large finite negative logit, a zero gradient)."""
+    pad = ids < 0
+    return torch.where(pad, ids[:, :1], ids), pad
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, probs: Optional[torch.Tensor] = None) -> None:
+    """Ids of counted rows: column 0 real, real ids (>= 0; negative = padding) in range and distinct within a
+    row (as torch.topk gives); with `probs`, the teacher's probability 0 at every padding column."""
     if ids.numel() == 0:
         return
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+    pad = ids < 0
+    if bool(pad[:, 0].any()):
+        raise ValueError("a counted row has no teacher id (column 0 is padding): mask it out or set its target "
+                         f"to {IGNORE_INDEX}")
+    if int(ids.max()) >= vocab_size:
         raise ValueError(
             f"teacher_ids out of range [0, {vocab_size}): the teacher store and student must share a "
             "vocabulary (mask padding rows or set their targets to -100)"
         )
-    s = ids.sort(dim=1).values
+    # Padding columns get distinct negative stand-ins, so only real ids can repeat.
+    distinct_pads = -1 - torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    s = torch.where(pad, distinct_pads, ids).sort(dim=1).values
     if bool((s[:, 1:] == s[:, :-1]).any()):
         raise ValueError("teacher_ids repeat an id within a row: top-k ids must be distinct")
+    if probs is not None and bool((probs[:, : ids.shape[1]][pad] != 0).any()):
+        raise ValueError("teacher_probs must be 0 at padding columns (negative teacher_ids)")
 
 
 def _check_targets(t: torch.Tensor, vocab_size: int) -> None:
@@ -211,25 +236,32 @@ def student_log_probs(z: torch.Tensor, ids: torch.Tensor, other_bucket: bool,
                       norm: StudentNorm = LOGIT_NORM) -> torch.Tensor:
     """log r [N, k] (or [N, k+1] with the other bucket): the student's side of the KL, see `StudentNorm`.
 
-    z [N, V] fp32 logits; ids [N, k] long.
+    z [N, V] fp32 logits; ids [N, k] long (negative at padding columns). At a padding column log r is
+    finfo(z.dtype).min, a constant (no gradient) and finite (not -inf, so a teacher 0 times it is 0).
     """
+    # Finite sentinels, not -inf: -inf times a teacher 0 is NaN, and when the ids cover the whole
+    # vocabulary the rest is empty and logsumexp over all -inf has a NaN gradient even where it is
+    # multiplied by zero.
+    low = torch.finfo(z.dtype).min
+    ids, pad = _pad_columns(ids)
     g = z.gather(1, ids)
     if norm.kind == "logit" and not other_bucket:
-        return torch.log_softmax(g, dim=-1)
+        return torch.log_softmax(g.masked_fill(pad, low), dim=-1).masked_fill(pad, low)
     lse = torch.logsumexp(z, dim=-1)
-    logq = g - lse.unsqueeze(1)
+    logq = (g - lse.unsqueeze(1)).masked_fill(pad, low)
     if other_bucket:
-        # A finite sentinel, not -inf: when the ids cover the whole vocabulary the rest is empty and
-        # logsumexp over all -inf has a NaN gradient even where it is multiplied by zero.
-        rest = z.scatter(1, ids, torch.finfo(z.dtype).min)
+        rest = z.scatter(1, ids, low)
         log_other = (torch.logsumexp(rest, dim=-1) - lse).clamp(min=LOG_TINY)
         logq = torch.cat([logq, log_other.unsqueeze(1)], dim=1)
+        pad = torch.cat([pad, pad.new_zeros(pad.shape[0], 1)], dim=1)
     if norm.kind == "logit":
         return logq
     if norm.kind == "prob-softmax":
-        return torch.log_softmax(torch.exp(logq) / norm.temperature, dim=-1)
+        return torch.log_softmax((torch.exp(logq) / norm.temperature).masked_fill(pad, low), dim=-1).masked_fill(
+            pad, low)
     shifted = torch.exp(logq) + norm.eps
-    return torch.log(shifted) - torch.log(shifted.sum(dim=-1, keepdim=True))
+    total = shifted.masked_fill(pad, 0.0).sum(dim=-1, keepdim=True)
+    return (torch.log(shifted) - torch.log(total)).masked_fill(pad, low)
 
 
 def _kl_rows(z: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, other_bucket: bool,
@@ -346,7 +378,7 @@ def distillation_loss(
         # Ignored rows may hold anything; neutral stand-ins keep NaN out of the (zero-weighted) grads.
         ids = ids.masked_fill(~valid.unsqueeze(1), 0)
         probs = probs.masked_fill(~valid.unsqueeze(1), 0.0)
-        _check_ids(ids[valid], V)
+        _check_ids(ids[valid], V, probs[valid])
         kl_weight = 1.0 - alpha if use_ce else 1.0
         rows = rows + kl_weight * _kl_rows(z, ids, probs, other_bucket, student_norm)
     if use_ce:
@@ -380,7 +412,8 @@ def _dense_chunk(z, targets, ids, probs, alpha, eps, other_bucket, grad_scale):
         z_t = z.gather(1, targets.unsqueeze(1)).squeeze(1)
         sum_z = z.sum(1) if eps > 0 else None
     if use_kl:
-        g = z.gather(1, ids)
+        ids, pad = _pad_columns(ids)  # padding: a logit that adds nothing, a gradient of exactly 0
+        g = z.gather(1, ids).masked_fill(pad, torch.finfo(z.dtype).min)
         if other_bucket:
             z.scatter_(1, ids, float("-inf"))  # z now holds the rest only; its max can be -inf
     m = z.amax(1, keepdim=True)
@@ -485,12 +518,13 @@ def _run_chunks(hidden, weight, bias, targets, ids, probs, row_scale, alpha, eps
         if sparse:
             # Only the k logits at the teacher ids enter the loss: evaluate the head there alone.
             k = ids.shape[1]
-            flat_ids = ids[sl].reshape(-1)
+            safe_ids, pad = _pad_columns(ids[sl])  # padding: no logit, a gradient of exactly 0
+            flat_ids = safe_ids.reshape(-1)
             w_ids = weight.index_select(0, flat_ids).view(-1, k, H)  # [c, k, H]
             g = torch.bmm(w_ids, h.unsqueeze(2)).squeeze(2)
             if bias is not None:
                 g = g + bias.index_select(0, flat_ids).view(-1, k)
-            g = g.to(math_dtype)
+            g = g.to(math_dtype).masked_fill(pad, torch.finfo(math_dtype).min)
             p = probs[sl].to(math_dtype)
             logr = torch.log_softmax(g, dim=1)
             rows = torch.xlogy(p, p).sum(1) - (p * logr).sum(1)
@@ -617,7 +651,7 @@ def chunked_distillation_loss(
     if not use_kl:
         ids = probs = None
     if ids is not None:
-        _check_ids(ids, V)
+        _check_ids(ids, V, probs)
     if t is not None:
         _check_targets(t, V)
     row_scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0

@@ -1,5 +1,12 @@
 """The teacher's top-k distribution after temperature: the one place this math lives.
 
+Variable-k rows (top-p caches, batches of rows of different k): a batch is padded to [..., k_max], the
+real columns of a row first, then padding columns holding id -1 (any negative id) and log-prob -inf.
+Column 0 of a counted row is always real. Every function here gives a padding column probability
+exactly 0 and computes a padded row exactly as it would the row's real columns alone (k = its count);
+the other bucket stays the last column (index k_max). Only the log-probs reach the functions that do
+not take ids, so there a -inf log-prob marks a padding column.
+
 The store keeps raw top-k log-probabilities (temperature 1, full-vocabulary softmax). Every
 consumer (the reader, the losses, calibration fitting, evaluation) turns them into a distribution
 with `teacher_distribution`, so re-calibrating never re-runs the teacher.
@@ -56,8 +63,14 @@ import torch
 FORMS = ("logit", "prob")
 
 
+def padding_columns(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """[..., k] bool, True at the padding columns of cached log-probs (-inf, see the module docstring)."""
+    return torch.isneginf(topk_logprobs)
+
+
 def other_mass_logprob(topk_logprobs: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum_k p_k) for [..., k] log-probs -> [...]; -inf when the top-k holds all the mass."""
+    """log(1 - sum_k p_k) for [..., k] log-probs -> [...]; -inf when the top-k holds all the mass.
+    Padding columns (-inf) hold no mass, so they need no mask."""
     total = torch.logsumexp(topk_logprobs.float(), dim=-1)
     # log1p(-exp(x)) is the stable form of log(1 - exp(x)) for x <= 0; clamp absorbs rounding above 0.
     return torch.log1p(-torch.exp(total.clamp(max=0.0)).clamp(max=1.0))
@@ -87,7 +100,11 @@ def teacher_distribution(
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"temperature must be a finite number > 0, got {value}")
     logp = topk_logprobs.float()
-    tempered = torch.softmax(logp / value if form == "logit" else torch.exp(logp) / value, dim=-1)
+    if form == "logit":
+        scores = logp / value  # a padding column stays -inf
+    else:  # exp(-inf) / c = 0 would weigh a padding column e^0 = 1: mask it
+        scores = (torch.exp(logp) / value).masked_fill(padding_columns(logp), float("-inf"))
+    tempered = torch.softmax(scores, dim=-1)
     return _with_rest(tempered, logp) if other_bucket else tempered
 
 
@@ -101,16 +118,25 @@ TEACHER_NORMS = ("auto", "logit", "prob-softmax", "linear")
 _FORM_OF_NORM = {"logit": "logit", "prob-softmax": "prob"}
 
 
-def smooth_top1(probs: torch.Tensor, smoothing: float) -> torch.Tensor:
+def smooth_top1(probs: torch.Tensor, smoothing: float, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Label smoothing of a top-k distribution [..., k] (FIRST's "Distill w/ LS" baseline): a fraction
-    `smoothing` of the largest probability is taken off it and spread evenly over the other k - 1."""
+    `smoothing` of the largest probability is taken off it and spread evenly over the other k - 1.
+
+    pad: [..., k] bool, True at padding columns (probability 0; None = none): a row is smoothed over its
+    real columns only (count - 1 of them), and a row with one real column is left as it is."""
     k = probs.shape[-1]
     if smoothing == 0.0 or k < 2:
         return probs
     top = probs.argmax(dim=-1, keepdim=True)
-    moved = probs.gather(-1, top) * smoothing
-    out = probs + moved / (k - 1)
-    return out.scatter(-1, top, probs.gather(-1, top) - moved)
+    top_p = probs.gather(-1, top)
+    if pad is None:
+        moved = top_p * smoothing
+        return (probs + moved / (k - 1)).scatter(-1, top, top_p - moved)
+    real = (~pad).to(probs.dtype)
+    others = real.sum(dim=-1, keepdim=True) - 1.0
+    moved = torch.where(others > 0, top_p * smoothing, torch.zeros_like(top_p))
+    out = probs + (moved / others.clamp(min=1.0)) * real
+    return out.scatter(-1, top, top_p - moved)
 
 
 def teacher_target(topk_logprobs: torch.Tensor, record: Optional[dict], other_bucket: bool = False,
@@ -129,8 +155,9 @@ def teacher_target(topk_logprobs: torch.Tensor, record: Optional[dict], other_bu
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     form, value = (record["form"], float(record["value"])) if record else (None, 1.0)
     logp = topk_logprobs.float()
+    pad = padding_columns(logp)
     if norm == "linear":
-        shifted = torch.exp(logp) + eps
+        shifted = (torch.exp(logp) + eps).masked_fill(pad, 0.0)
         probs = shifted / shifted.sum(dim=-1, keepdim=True)
     else:
         if norm != "auto":
@@ -139,7 +166,7 @@ def teacher_target(topk_logprobs: torch.Tensor, record: Optional[dict], other_bu
                                  "cannot apply: use --teacher-norm auto, or calibrate with the matching --form")
             form = _FORM_OF_NORM[norm]
         probs = teacher_distribution(logp, form, value)
-    probs = smooth_top1(probs, smoothing)
+    probs = smooth_top1(probs, smoothing, pad)
     return _with_rest(probs, logp) if other_bucket else probs
 
 
@@ -171,7 +198,8 @@ def sampled_target_logprobs(sample_ids: torch.Tensor, sample_logprobs: torch.Ten
     Args:
         sample_ids: [..., m] sampled ids (padding slots may hold anything; their value is meaningless).
         sample_logprobs: [..., m] the teacher's full-vocabulary log-probs (temperature 1) at those ids.
-        topk_ids: [..., k] the position's top-k ids (distinct); topk_logprobs: [..., k] their raw log-probs.
+        topk_ids: [..., k] the position's top-k ids (distinct; -1 at padding columns, which never match a
+            sampled id); topk_logprobs: [..., k] their raw log-probs (-inf at padding).
         topk_target: [..., k+1] the top-k target with the other bucket last, e.g.
             ``teacher_target(topk_logprobs, record, other_bucket=True)`` (any form, value, norm, smoothing).
     Returns:
@@ -181,7 +209,7 @@ def sampled_target_logprobs(sample_ids: torch.Tensor, sample_logprobs: torch.Ten
         whole vocabulary the result is sum(topk_target) = 1.
     """
     dtype = torch.promote_types(torch.promote_types(sample_logprobs.dtype, topk_target.dtype), torch.float32)
-    hit = sample_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)  # [..., m, k]
+    hit = (sample_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)) & (topk_ids >= 0).unsqueeze(-2)  # [..., m, k]
     col = hit.long().argmax(dim=-1)
     head = torch.log(topk_target[..., :-1].to(dtype)).gather(-1, col)
     log_rest_teacher = other_mass_logprob(topk_logprobs).to(dtype)
