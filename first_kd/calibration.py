@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 
 from first_kd import metrics
 from first_kd.errors import FirstKDError
+from first_kd.store import read_rows
 from first_kd.temperature import teacher_distribution
 
 PROB_COARSE_GRID = tuple(round(0.1 * i, 10) for i in range(1, 11))  # 0.1 .. 1.0
@@ -284,8 +285,8 @@ def read_positions(store, desc: str = "reading") -> tuple[torch.Tensor, np.ndarr
             # Rows are in sequence order, so their target tokens lie in one contiguous token range.
             t0, t1 = int(token_index.min()), int(token_index.max()) + 1
             targets = group["input_ids"][t0:t1].astype(np.int64)[token_index - t0]
-            ranks[lo:hi] = target_rank(group["topk_ids"][lo:hi].astype(np.int64), targets)
-            logprobs[lo:hi] = group["topk_logprobs"][lo:hi].astype(np.float32)
+            ids, logprobs[lo:hi] = read_rows(group, lo, hi)  # padding of a top-p store: id -1, log-prob -inf
+            ranks[lo:hi] = target_rank(ids, targets)
         except Exception as e:  # a torn chunk fails its checksum here
             bar.close()
             raise FirstKDError(damaged_store_message(store.path, f"{type(e).__name__}: {e}")) from None

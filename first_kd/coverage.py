@@ -13,6 +13,7 @@ model much less. This module is the maths of measuring it, as pure numpy functio
     --probe-k K`): its mean, minimum and quantiles per j.
   * `probe_sequences(n_targets [S], n_positions) -> (indices [m], take [m])`: which positions a probe measures.
   * `suggest_k(curve, target) -> dict`: the smallest j whose mean (and whose p10) top-j mass reaches a target.
+  * `top_p_counts(logprobs [N, k], p) -> [N]`: the ids a top-p (variable-k) cache keeps per row.
 
 Quantiles. `pQ` is the inverted-CDF quantile (numpy's `method="inverted_cdf"`): the r-th smallest of the n
 masses, r = max(1, ceil(Q/100 * n)), i.e. the smallest mass with at least Q% of positions at or below it.
@@ -56,8 +57,9 @@ def _check_logprobs(logprobs, name: str = "logprobs") -> np.ndarray:
     lp = np.asarray(logprobs, dtype=np.float64)
     if lp.ndim != 2 or lp.shape[1] < 1:
         raise ValueError(f"{name} must have shape [N, k] with k >= 1, got {lp.shape}")
-    if lp.size and not np.all(np.isfinite(lp)):
-        raise ValueError(f"{name} hold non-finite values")
+    # -inf is a padding column of a variable-k row (probability 0); NaN or +inf is damage.
+    if lp.size and not np.all(np.isfinite(lp) | (lp == -np.inf)):
+        raise ValueError(f"{name} hold NaN or +inf values")
     return lp
 
 
@@ -216,3 +218,22 @@ def coverage_verdict(summary: dict, probe: Optional[dict], target: float) -> dic
     return {"target": target, "k": summary["k"], "mean": mean, "p10": p10, "reaches_mean": mean >= target,
             "reaches_p10": p10 >= target, "probe_k": probe["k"] if probe else None,
             "k_mean": hint["k_mean"], "k_p10": hint["k_p10"]}
+
+
+def top_p_counts(logprobs, p: float) -> np.ndarray:
+    """How many leading ids of each top-k row a top-p cache keeps: the smallest j whose top-j mass reaches p,
+    capped at k (the row's width) when the whole top-k holds less than p.
+
+    Args:
+        logprobs: [N, k] full-vocabulary log-probs by decreasing probability (fp32 from the engine, before
+            they are rounded to the store's fp16, so the choice does not depend on that rounding).
+        p: the coverage target, 0 < p <= 1.
+    Returns:
+        [N] int64 in 1..k.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must be in (0, 1], got {p}")
+    lp = _check_logprobs(logprobs)
+    reached = np.cumsum(np.exp(lp), axis=1) >= p
+    k = lp.shape[1]
+    return np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, k).astype(np.int64)

@@ -12,6 +12,19 @@ Layout (see cache/README.md for the full description):
     answer_index     int16   [n_sequences]      multiple-choice only: gold option index
     n_choices        int16   [n_sequences]      multiple-choice only
     units_done       uint8   [n_units]          1 when the teacher rows of unit u are written (resume)
+    topk_count       uint    [n_positions]      top-p and sampled stores: the real columns of each row
+    sample_counts    uint8   [n_positions, k]   sampled stores: how often each stored id was drawn (0 = padding)
+
+What a row holds is the store's `selection` attribute (absent in stores written before it: top-k):
+  * {"kind": "top-k", "k": k}: the k most probable ids.
+  * {"kind": "top-p", "p": p, "k": k}: variable k: the smallest prefix of the top-k whose mass reaches p
+    (all k when the top-k holds less), then padding.
+  * {"kind": "sampled", "n": n, "k": n, "proposal": "teacher", "proposal_temperature": 1.0, "seed": s}: the
+    distinct ids of n draws with replacement from the teacher's softmax at temperature 1 (RS-KD), by
+    decreasing probability, with their counts in `sample_counts`; then padding.
+A padding column holds the id dtype's largest value and log-prob -inf on disk (constants that the
+compressor all but removes); `read` gives id -1 and log-prob -inf there, the convention of
+first_kd.losses and first_kd.temperature.
 
 The rows of the top-k arrays are cut into *units* of `chunk_positions` rows, one zarr chunk each. A unit
 is the grain of work, of resume and of multi-process splitting: each process writes whole chunks only,
@@ -50,7 +63,10 @@ from first_kd.outputs import crash_point, fsync_dir
 FORMAT_NAME = "first-kd-topk"
 FORMAT_VERSION = 1
 
-TOPK_ARRAYS = ("topk_ids", "topk_logprobs")
+TOPK_ARRAYS = ("topk_ids", "topk_logprobs", "topk_count", "sample_counts")  # the teacher payload (those present)
+SELECTIONS = ("top-k", "top-p", "sampled")
+PAD_ID = -1  # the id of a padding column as `read` returns it
+MAX_SAMPLE_DRAWS = 255  # sample_counts is uint8
 # Arrays written before the teacher runs (planning); the rest are filled unit by unit.
 PLAN_ARRAYS = ("seq_offsets", "input_ids", "pos_offsets", "target_positions", "example_ids")
 
@@ -159,6 +175,21 @@ def remove_store(path: Path) -> None:
     raise FirstKDError(f"{path} exists and is not a first-kd store: refusing to overwrite it; choose another --out")
 
 
+def selection_of(attrs: dict) -> dict:
+    """A store's `selection` record; stores written before it existed are top-k."""
+    return dict(attrs.get("selection") or {"kind": "top-k", "k": int(attrs["k"])})
+
+
+def describe_selection(selection: dict) -> str:
+    """The one way a selection is named to people: "top-5", "top-p 0.95 (k <= 64)", "sampled 12 draws"."""
+    kind = selection["kind"]
+    if kind == "top-p":
+        return f"top-p {selection['p']:g} (k <= {selection['k']})"
+    if kind == "sampled":
+        return f"sampled {selection['n']} draws"
+    return f"top-{selection['k']}"
+
+
 @dataclasses.dataclass
 class Plan:
     """Everything about a pass that is known before the teacher runs."""
@@ -168,6 +199,7 @@ class Plan:
     n_positions: int
     k: int
     chunk_positions: int
+    selection: Optional[dict] = None  # None: top-k
 
     @property
     def n_units(self) -> int:
@@ -207,6 +239,11 @@ def create_store(path: Path, tokenized, plan: Plan, attrs: dict, vocab_size: int
     _create(root, "topk_ids", (max(n_pos, 1), plan.k), rows, id_dtype, np.iinfo(id_dtype).max)
     _create(root, "topk_logprobs", (max(n_pos, 1), plan.k), rows, "float16", float("nan"))
     _create(root, "units_done", (plan.n_units,), (1,), "uint8", 0)
+    kind = (plan.selection or {}).get("kind", "top-k")
+    if kind != "top-k":
+        _create(root, "topk_count", (max(n_pos, 1),), (plan.chunk_positions,), compact_uint(plan.k), 0)
+    if kind == "sampled":
+        _create(root, "sample_counts", (max(n_pos, 1), plan.k), rows, "uint8", 0)
 
     # Stream sequences in blocks; offsets are computed from lengths so no Python loop per token.
     tok_at, pos_at, seq_at = 0, 0, 0
@@ -238,7 +275,8 @@ def create_store(path: Path, tokenized, plan: Plan, attrs: dict, vocab_size: int
         seq_at += m
     attrs = dict(attrs, stage="planned", complete=False, format=FORMAT_NAME, format_version=FORMAT_VERSION,
                  k=plan.k, chunk_positions=plan.chunk_positions, n_units=plan.n_units, vocab_size=vocab_size,
-                 counts={"n_sequences": n_seq, "n_tokens": n_tok, "n_positions": n_pos}, temperature={})
+                 counts={"n_sequences": n_seq, "n_tokens": n_tok, "n_positions": n_pos}, temperature={},
+                 selection=dict(plan.selection or {"kind": "top-k", "k": plan.k}))
     root.attrs.update(attrs)
     return root
 
@@ -292,6 +330,19 @@ def coverage_summary(group: zarr.Group) -> dict:
     return acc.summary()
 
 
+def max_token_id(group: zarr.Group) -> int:
+    """Largest id a student must be able to output: of the tokens and of the stored ids (padding aside)."""
+    top = 0
+    arr = group["input_ids"]
+    for lo in range(0, arr.shape[0], arr.chunks[0]):
+        top = max(top, int(arr[lo: lo + arr.chunks[0]].max()))
+    step = group["topk_ids"].chunks[0]
+    for lo in range(0, group["topk_ids"].shape[0], step):
+        ids, _ = read_rows(group, lo, lo + step)
+        top = max(top, int(ids.max()))
+    return top
+
+
 def pending_units(group: zarr.Group) -> list[int]:
     """Units whose rows are not known to be on disk (a torn marker chunk counts as not done)."""
     done = group["units_done"]
@@ -307,14 +358,25 @@ def pending_units(group: zarr.Group) -> list[int]:
 
 
 def write_unit(group: zarr.Group, unit: int, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
-               crash_hook=None) -> None:
-    """Write one unit's rows, then mark it done (the order is what makes resume safe)."""
+               crash_hook=None, sample_counts: Optional[np.ndarray] = None) -> None:
+    """Write one unit's rows, then mark it done (the order is what makes resume safe).
+
+    topk_ids [n, k] / topk_logprobs [n, k]: a padding column (top-p and sampled stores) has log-prob -inf;
+    sample_counts [n, k] (sampled stores): draws per id, 0 at padding."""
     lo, hi = unit_rows(group, unit)
     if topk_ids.shape[0] != hi - lo:
         raise RuntimeError(f"unit {unit}: expected {hi - lo} rows, got {topk_ids.shape[0]}")
     if hi > lo:
-        group["topk_ids"][lo:hi] = topk_ids.astype(group["topk_ids"].dtype)
-        group["topk_logprobs"][lo:hi] = np.minimum(topk_logprobs, 0.0).astype(np.float16)
+        pad = np.asarray(topk_logprobs) == -np.inf
+        fill = np.iinfo(group["topk_ids"].dtype).max
+        group["topk_ids"][lo:hi] = np.where(pad, fill, topk_ids).astype(group["topk_ids"].dtype)
+        # A real log-prob below fp16's range is kept at its floor, so -inf always means padding.
+        real = np.clip(topk_logprobs, float(np.finfo(np.float16).min), 0.0)
+        group["topk_logprobs"][lo:hi] = np.where(pad, -np.inf, real).astype(np.float16)
+        if "topk_count" in group:
+            group["topk_count"][lo:hi] = (~pad).sum(axis=1).astype(group["topk_count"].dtype)
+        if "sample_counts" in group:
+            group["sample_counts"][lo:hi] = np.where(pad, 0, sample_counts).astype(np.uint8)
     if crash_hook:
         crash_hook(f"unit-rows:{unit}")
     group["units_done"][unit] = 1
@@ -458,6 +520,22 @@ class _ChunkedReader:
 READ_ARRAYS = ("input_ids", "target_positions", "topk_ids", "topk_logprobs")  # what reading a sequence decodes
 
 
+def padded_ids(ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """Stored ids [n, k] as int64 with PAD_ID where the log-prob is -inf (a padding column)."""
+    ids = ids.astype(np.int64)
+    pad = logprobs == -np.inf
+    if pad.any():
+        ids[pad] = PAD_ID
+    return ids
+
+
+def read_rows(group: zarr.Group, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Store rows lo..hi as readers use them: (ids [n, k] int64, PAD_ID at padding; log-probs [n, k] float32,
+    -inf at padding)."""
+    logprobs = group["topk_logprobs"][lo:hi].astype(np.float32)
+    return padded_ids(group["topk_ids"][lo:hi], logprobs), logprobs
+
+
 class TopKStore:
     """Read-only view of a complete store. `store[i]` is sequence i (see `get`)."""
 
@@ -469,7 +547,10 @@ class TopKStore:
         self.vocab_size = int(self.attrs["vocab_size"])
         self._seq_offsets = group["seq_offsets"][:]
         self._pos_offsets = group["pos_offsets"][:]
-        self._readers = {name: _ChunkedReader(group[name]) for name in READ_ARRAYS}
+        self.selection = selection_of(self.attrs)
+        self.sampled = self.selection["kind"] == "sampled"
+        self._read_arrays = READ_ARRAYS + (("sample_counts",) if self.sampled else ())
+        self._readers = {name: _ChunkedReader(group[name]) for name in self._read_arrays}
         self._ids = None
         self._mcqa = {name: group[name][:] for name in ("answer_index", "n_choices") if name in group}
 
@@ -501,20 +582,24 @@ class TopKStore:
 
     def read(self, i: int) -> dict:
         """Sequence i as stored, with no distribution computed: input_ids [L], target_positions [n],
-        topk_ids [n, k] int64, topk_logprobs [n, k] float32 (temperature 1), and answer_index / n_choices
-        for multiple-choice data. The training loader reads this and computes the teacher distribution
-        once per batch (first_kd.training.TeacherTargets)."""
+        topk_ids [n, k] int64 (PAD_ID at padding), topk_logprobs [n, k] float32 (temperature 1; -inf at
+        padding), sample_counts [n, k] int64 for a sampled store, and answer_index / n_choices for
+        multiple-choice data. The training loader reads this and computes the teacher distribution once per
+        batch (first_kd.training.TeacherTargets)."""
         if not 0 <= i < len(self):
             raise IndexError(i)
         t0, t1 = int(self._seq_offsets[i]), int(self._seq_offsets[i + 1])
         p0, p1 = int(self._pos_offsets[i]), int(self._pos_offsets[i + 1])
         try:
+            logprobs = self._readers["topk_logprobs"][slice(p0, p1)].astype(np.float32)
             record = {
                 "input_ids": self._readers["input_ids"][slice(t0, t1)].astype(np.int64),
                 "target_positions": self._readers["target_positions"][slice(p0, p1)].astype(np.int64),
-                "topk_ids": self._readers["topk_ids"][slice(p0, p1)].astype(np.int64),
-                "topk_logprobs": self._readers["topk_logprobs"][slice(p0, p1)].astype(np.float32),
+                "topk_ids": padded_ids(self._readers["topk_ids"][slice(p0, p1)], logprobs),
+                "topk_logprobs": logprobs,
             }
+            if self.sampled:
+                record["sample_counts"] = self._readers["sample_counts"][slice(p0, p1)].astype(np.int64)
         except Exception as e:  # a torn chunk fails its checksum here
             raise FirstKDError(f"store {self.path} is damaged ({type(e).__name__}: {e}); run `first-kd inspect "
                                f"{self.path}` and re-create it with `first-kd cache ... --overwrite`") from None
@@ -547,8 +632,8 @@ class TopKStore:
         n = len(self)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        starts = {"input_ids": self._seq_offsets[:-1], "target_positions": self._pos_offsets[:-1],
-                  "topk_ids": self._pos_offsets[:-1], "topk_logprobs": self._pos_offsets[:-1]}
+        starts = {name: self._pos_offsets[:-1] for name in self._read_arrays}
+        starts["input_ids"] = self._seq_offsets[:-1]
         change = np.zeros(n, dtype=bool)
         change[0] = True
         for name, first in starts.items():
@@ -558,7 +643,7 @@ class TopKStore:
 
     def set_chunk_cache(self, max_chunks: int) -> None:
         """Keep up to `max_chunks` decoded chunks per array (16 by default); drops the chunks cached now."""
-        self._readers = {name: _ChunkedReader(self.group[name], max_chunks) for name in READ_ARRAYS}
+        self._readers = {name: _ChunkedReader(self.group[name], max_chunks) for name in self._read_arrays}
 
     @property
     def chunk_decodes(self) -> int:
@@ -572,8 +657,10 @@ class TopKStore:
             yield self.get(i)
 
 
-def open_store(path, require_complete: bool = True) -> TopKStore:
-    """Open a store for reading; one-line FirstKDError when it is missing, foreign, incomplete or damaged."""
+def open_store(path, require_complete: bool = True, sampled_ok: bool = False) -> TopKStore:
+    """Open a store for reading; one-line FirstKDError when it is missing, foreign, incomplete or damaged, or
+    a sampled store and the caller does not read those (`sampled_ok`: only distill's sampled loss and inspect
+    do; a sampled row is a random sample, not the teacher's most probable ids)."""
     path = Path(path)
     if not path.exists():
         raise FirstKDError(f"store not found: {path} (create it with `first-kd cache --out {path}`)")
@@ -587,6 +674,11 @@ def open_store(path, require_complete: bool = True) -> TopKStore:
     if attrs.get("format_version", 0) > FORMAT_VERSION:
         raise FirstKDError(f"{path} uses store format {attrs['format_version']}, newer than this first-kd "
                            f"({FORMAT_VERSION}): upgrade first-kd")
+    selection = selection_of(attrs) if "k" in attrs else {"kind": "top-k"}
+    if selection["kind"] == "sampled" and not sampled_ok:
+        raise FirstKDError(f"store {path} is a sampled cache ({describe_selection(selection)} per position), which "
+                           "only `first-kd distill` and `first-kd inspect` read: cache a top-k or top-p store "
+                           "(--k / --top-p) for this command")
     if require_complete and not attrs.get("complete"):
         raise FirstKDError(f"store {path} is incomplete (the teacher pass did not finish): {resume_hint(path)}")
     if require_complete:
@@ -607,9 +699,12 @@ def _missing_chunks(group: zarr.Group) -> str:
 # Verification (what `first-kd inspect` reports)
 # ----------------------------------------------------------------------------------------------
 
-def bytes_on_disk(path: Path, prefix: str = "") -> int:
+def bytes_on_disk(path: Path, prefix: str = "", chunks_only: bool = False) -> int:
+    """Bytes of the files under path/prefix; `chunks_only`: of the chunk files alone (no zarr.json metadata,
+    whose few hundred bytes per array would dominate the per-position cost of a small store)."""
     root = Path(path) / prefix if prefix else Path(path)
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in root.rglob("*")
+               if f.is_file() and not (chunks_only and f.name == "zarr.json"))
 
 
 class DamagedStore(Exception):
@@ -625,18 +720,69 @@ def _coverage_disagrees(recorded: Optional[dict], measured: Optional[dict]) -> b
             or not abs(float(recorded.get("mean", -1.0)) - measured["mean"]) <= 1e-9)
 
 
+def check_rows(group: zarr.Group, lo: int, hi: int, selection: dict, vocab: int) -> str:
+    """The first broken invariant of store rows lo..hi of a complete store, or ''. Every kind: real columns first
+    (at least one), ids in range and distinct, log-probs finite, <= 0, decreasing, mass <= 1; padding columns
+    id = the dtype's max and log-prob -inf. top-p: a row's top-j mass reaches p, or j = k. sampled: the counts
+    of the real columns are >= 1 and sum to n, 0 at padding."""
+    ids = group["topk_ids"][lo:hi]
+    lp = group["topk_logprobs"][lo:hi].astype(np.float32)
+    pad = lp == -np.inf
+    real = ~pad
+    if np.any(np.isnan(lp) | (lp == np.inf)):
+        return "topk_logprobs hold NaN or +inf"
+    if selection["kind"] == "top-k" and pad.any():
+        return "a top-k store holds padding (-inf) columns"
+    if not real[:, 0].all() or np.any(real[:, 1:] & pad[:, :-1]):
+        return "padding columns are not all after the real ones"
+    if np.any(ids[pad] != np.iinfo(ids.dtype).max):
+        return "padding columns hold ids"
+    if ids[real].size and int(ids[real].max()) >= vocab:
+        return f"topk_ids hold an id >= vocab_size {vocab}"
+    if np.any(lp[real] > 0):
+        return "topk_logprobs hold log-probs > 0"
+    with np.errstate(invalid="ignore"):  # -inf - -inf between padding columns
+        if np.any((np.diff(lp, axis=1) > 0) & real[:, 1:]):
+            return "topk_logprobs are not in decreasing order"
+    ordered = np.sort(np.where(real, ids.astype(np.int64), -1 - np.arange(ids.shape[1])), axis=1)
+    if np.any(ordered[:, 1:] == ordered[:, :-1]):
+        return "a row repeats an id"
+    mass = np.exp(lp.astype(np.float64)).sum(axis=1)
+    if np.any(mass > 1 + MASS_TOLERANCE):
+        return "top-k mass above 1"
+    count = real.sum(axis=1)
+    if "topk_count" in group and np.any(group["topk_count"][lo:hi].astype(np.int64) != count):
+        return "topk_count disagrees with the padding"
+    if selection["kind"] == "top-p" and np.any((mass < selection["p"] - MASS_TOLERANCE) & (count < ids.shape[1])):
+        return f"a row stops before its mass reaches p = {selection['p']}"
+    if selection["kind"] == "sampled":
+        draws = group["sample_counts"][lo:hi].astype(np.int64)
+        if np.any(draws[pad] != 0) or np.any(draws[real] < 1) or np.any(draws.sum(axis=1) != selection["n"]):
+            return f"sample_counts are not >= 1 at the ids, 0 at padding, {selection['n']} per row"
+    return ""
+
+
+def _mean_count(group: zarr.Group, n_pos: int) -> float:
+    """Mean real columns per row of a top-p or sampled store."""
+    arr = group["topk_count"]
+    total = sum(int(arr[lo: min(lo + arr.chunks[0], n_pos)].astype(np.int64).sum())
+                for lo in range(0, n_pos, arr.chunks[0]))
+    return total / max(n_pos, 1)
+
+
 def verify(path) -> dict:
     """Check every invariant of a store, reading it chunk by chunk; return the summary dict.
 
     Raises DamagedStore (with the first problem found) when the store is inconsistent.
     """
     path = Path(path)
-    store = open_store(path, require_complete=False)
+    store = open_store(path, require_complete=False, sampled_ok=True)
     group, attrs = store.group, store.attrs
     counts = attrs["counts"]
     n_seq, n_tok, n_pos, k = counts["n_sequences"], counts["n_tokens"], counts["n_positions"], attrs["k"]
     vocab = attrs["vocab_size"]
     complete = bool(attrs.get("complete"))
+    selection = selection_of(attrs)
 
     def fail(msg):
         raise DamagedStore(msg)
@@ -651,6 +797,9 @@ def verify(path) -> dict:
         fail("pos_offsets are not increasing from 0 to n_positions (every sequence needs a target)")
     if group["topk_ids"].shape != (max(n_pos, 1), k) or group["topk_logprobs"].shape != (max(n_pos, 1), k):
         fail("top-k arrays do not have shape [n_positions, k]")
+    wanted = {"top-k": (), "top-p": ("topk_count",), "sampled": ("topk_count", "sample_counts")}.get(selection["kind"])
+    if wanted is None or any(name not in group for name in wanted):
+        fail(f"selection {selection} is unknown or lacks its arrays")
 
     # Per-position sequence lengths, to check that every target position lies inside its sequence.
     lengths = np.diff(seq_off)
@@ -669,19 +818,10 @@ def verify(path) -> dict:
                 fail(f"target_positions rows {lo}..{hi} point outside their sequences")
             if not complete:
                 continue
-            ids = group["topk_ids"][lo:hi]
-            lp = group["topk_logprobs"][lo:hi].astype(np.float32)
-            if int(ids.max()) >= vocab:
-                fail(f"topk_ids rows {lo}..{hi} hold an id >= vocab_size {vocab}")
-            if not np.all(np.isfinite(lp)):
-                fail(f"topk_logprobs rows {lo}..{hi} are not all finite")
-            if np.any(lp > 0):
-                fail(f"topk_logprobs rows {lo}..{hi} hold log-probs > 0")
-            if np.any(np.diff(lp, axis=1) > 0):
-                fail(f"topk_logprobs rows {lo}..{hi} are not in decreasing order")
-            if np.any(np.exp(lp.astype(np.float64)).sum(axis=1) > 1 + MASS_TOLERANCE):
-                fail(f"top-k mass above 1 in rows {lo}..{hi}")
-            coverage.add(lp)
+            problem = check_rows(group, lo, hi, selection, vocab)
+            if problem:
+                fail(f"rows {lo}..{hi}: {problem}")
+            coverage.add(group["topk_logprobs"][lo:hi])
     except DamagedStore:
         raise
     except Exception as e:  # checksum failures of torn chunks land here
@@ -693,7 +833,7 @@ def verify(path) -> dict:
         fail(f"the recorded coverage (mean top-k mass {recorded.get('mean')} over {recorded.get('n_positions')} "
              f"positions) disagrees with the stored log-probs ({measured['mean']} over {measured['n_positions']})")
     disk = bytes_on_disk(path)
-    topk_disk = sum(bytes_on_disk(path, name) for name in TOPK_ARRAYS)
+    topk_disk = sum(bytes_on_disk(path, name, chunks_only=True) for name in TOPK_ARRAYS if name in group)
     return {
         "path": str(path),
         "complete": complete,
@@ -702,10 +842,13 @@ def verify(path) -> dict:
         "n_tokens": n_tok,
         "n_positions": n_pos,
         "k": k,
+        "selection": selection,
+        "mean_ids_per_position": _mean_count(group, n_pos) if complete and selection["kind"] != "top-k" else k,
         "vocab_size": vocab,
         "bytes_on_disk": disk,
-        # the top-k payload per position (what caching costs per target); the total also counts the
-        # prompts, which dominate for multiple-choice data with one target per sequence.
+        # the teacher payload per position (chunks of topk_ids, topk_logprobs and, where present, topk_count and
+        # sample_counts: what caching costs per target); the total also counts the prompts (which dominate for
+        # multiple-choice data with one target per sequence) and the metadata.
         "bytes_per_position": topk_disk / max(n_pos, 1),
         "bytes_per_position_total": disk / max(n_pos, 1),
         "mean_topk_mass": measured["mean"] if measured else None,

@@ -19,7 +19,6 @@ import zarr
 from first_kd import coverage as C
 from first_kd import store as S
 from first_kd.cli import main
-from first_kd.errors import FirstKDError
 
 from helpers import build_peaked_model, is_png, pr_records, run_cli, write_jsonl
 
@@ -91,8 +90,20 @@ def test_quantiles_and_histogram_on_constructed_masses():
     assert set(same["quantiles"].values()) == {same["max"]} and same["max"] == pytest.approx(0.82468)
     with pytest.raises(ValueError, match="shape"):
         C.topk_mass_summary(np.zeros(5))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="NaN or"):
         C.topk_mass_summary(np.array([[np.nan]]))
+    # -inf is a padding column of a variable-k row: probability 0
+    padded = C.topk_mass_summary(np.log([[0.5, 0.25], [0.9, 0.0]]))
+    assert padded["mean"] == pytest.approx(0.825) and padded["min"] == pytest.approx(0.75)
+
+
+def test_top_p_counts_are_the_smallest_prefix_reaching_p():
+    lp = np.log([[0.5, 0.3, 0.1, 0.05], [0.96, 0.02, 0.01, 0.005], [0.4, 0.3, 0.2, 0.05]])
+    np.testing.assert_array_equal(C.top_p_counts(lp, 0.75), [2, 1, 3])
+    np.testing.assert_array_equal(C.top_p_counts(lp, 0.97), [4, 2, 4])  # rows 0 and 2 never reach it: the cap
+    np.testing.assert_array_equal(C.top_p_counts(lp, 0.45), [1, 1, 2])
+    with pytest.raises(ValueError, match="p must be"):
+        C.top_p_counts(lp, 0.0)
 
 
 def test_mass_curve_equals_oracle():

@@ -57,6 +57,15 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
         None, help="also measure the teacher's top-j mass for j = 1..PROBE_K (> --k) on --probe-positions positions "
                    "and record the curve in the store, to choose k (`first-kd inspect` suggests one); the stored "
                    "top-k is unchanged; on a complete store it runs the probe alone; hf engine only")
+    top_p: Optional[float] = option(
+        None, help="variable k: keep, per position, the smallest set of most probable ids whose mass reaches TOP_P "
+                   "(at most --k of them, so --k is the cap: e.g. --top-p 0.95 --k 64); stored ragged with counts")
+    sample: Optional[int] = option(
+        None, help="a sampled cache (RS-KD) instead of the top-k: SAMPLE draws per position (1..255) with "
+                   "replacement from the teacher's softmax at temperature 1, distinct ids kept with their counts; "
+                   "--k is not used; `distill` trains on it with the unbiased sampled loss; hf engine only")
+    sample_seed: int = option(0, help="seed of --sample's draws (each unit draws from its own generator seeded "
+                                      "by this and the unit, so a resumed pass draws what an uninterrupted one does)")
     probe_positions: int = option(2048, help="how many target positions --probe-k measures: whole sequences drawn "
                                              "in a fixed seeded order until they hold this many")
 
@@ -76,6 +85,34 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
         if self.batch_size < 1 or self.chunk_positions < 1:
             raise FirstKDError("--batch-size and --chunk-positions must be >= 1")
         self.validate_probe()
+        self.validate_selection()
+
+    def validate_selection(self):
+        if self.top_p is not None and self.sample is not None:
+            raise FirstKDError("--top-p and --sample are two kinds of cache: choose one")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise FirstKDError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.sample is not None:
+            if not 1 <= self.sample <= topk_store.MAX_SAMPLE_DRAWS:
+                raise FirstKDError(f"--sample must be 1..{topk_store.MAX_SAMPLE_DRAWS} draws per position (counts "
+                                   f"are stored as uint8), got {self.sample}")
+            if self.engine == "vllm":
+                raise FirstKDError("--sample runs on the hf engine only (vLLM returns ranked log-probs, not draws "
+                                   "from the full softmax): use --engine hf, or --top-p on vLLM")
+
+    def selection(self) -> dict:
+        """The store's `selection` record (first_kd.store) for these options."""
+        if self.sample is not None:
+            return {"kind": "sampled", "n": self.sample, "k": self.sample, "proposal": "teacher",
+                    "proposal_temperature": 1.0, "seed": self.sample_seed}
+        if self.top_p is not None:
+            return {"kind": "top-p", "p": self.top_p, "k": self.k}
+        return {"kind": "top-k", "k": self.k}
+
+    @property
+    def width(self) -> int:
+        """Columns per store row: --sample's draws, else --k."""
+        return self.sample if self.sample is not None else self.k
 
     def validate_probe(self):
         if self.probe_k is None:
@@ -84,7 +121,7 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
             raise FirstKDError("--probe-k runs on the hf engine only: probe a sample with `first-kd cache --engine hf "
                                "--limit 500 --probe-k K --out probe.zarr` and `first-kd inspect probe.zarr`, then "
                                "cache with --engine vllm and the k it suggests")
-        if not self.k < self.probe_k <= MAX_PROBE_K:
+        if not self.width < self.probe_k <= MAX_PROBE_K:
             raise FirstKDError(f"--probe-k must be larger than --k ({self.k}) and at most {MAX_PROBE_K} (its curve "
                                f"is kept in the store's attributes), got {self.probe_k}")
         if self.probe_positions < 1:
@@ -107,7 +144,8 @@ def _plan_attrs(cfg: CacheConfig, tokenizer, dtype, info: dict, fingerprint: str
                  "choice_labels": info.get("choice_labels", []), "template": cfg.template,
                  "chat_template": cfg.chat_template, "trace_levels": info.get("trace_levels")},
         "max_length": cfg.max_length,
-        "k": cfg.k,
+        "k": cfg.width,
+        "selection": cfg.selection(),
         "chunk_positions": cfg.chunk_positions,
         "created_by": f"first-kd {__version__}",
     }
@@ -131,7 +169,8 @@ def pass_identity(attrs: dict) -> dict:
             "weights": _short((teacher.get("weights") or {}).get("sha256")),
             "tokenizer": _short((attrs.get("tokenizer") or {}).get("sha256")),
             "data": _short((attrs.get("data") or {}).get("fingerprint")),
-            "max_length": attrs.get("max_length"), "k": attrs.get("k"), "chunk_positions": attrs.get("chunk_positions")}
+            "max_length": attrs.get("max_length"), "k": attrs.get("k"), "chunk_positions": attrs.get("chunk_positions"),
+            "selection": topk_store.describe_selection(topk_store.selection_of(attrs)) if attrs.get("k") else None}
 
 
 def pass_differences(old_attrs: dict, new_attrs: dict) -> str:
@@ -212,8 +251,8 @@ def _plan(cfg: CacheConfig, inputs: _Inputs, model_config, vocab_size: int) -> N
     lengths = pc.list_value_length(tokenized.data.column("input_ids")).to_numpy().astype(np.int64)
     n_positions = int((lengths - tokenized.data.column("target_start").to_numpy().astype(np.int64)).sum())
     plan = topk_store.Plan(n_sequences=len(tokenized), n_tokens=int(lengths.sum()), n_positions=n_positions,
-                           k=cfg.k, chunk_positions=cfg.chunk_positions)
-    if cfg.k > vocab_size:
+                           k=cfg.width, chunk_positions=cfg.chunk_positions, selection=cfg.selection())
+    if cfg.sample is None and cfg.k > vocab_size:
         raise FirstKDError(f"--k {cfg.k} is larger than the teacher's vocabulary ({vocab_size})")
     topk_store.remove_store(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -238,14 +277,15 @@ def _engine(cfg: CacheConfig, dtype) -> tuple[dict, Optional[dict]]:
     positions = model_positions(load_config(cfg.teacher, cfg.revision, cfg.trust_remote_code))
     max_len = cfg.max_length if positions is None else min(cfg.max_length, positions)
     settings = vllm_engine.engine_settings(cfg, cfg.teacher, cfg.revision, cfg.trust_remote_code,
-                                           str(dtype).replace("torch.", ""), max_len, cfg.k)
+                                           str(dtype).replace("torch.", ""), max_len, cfg.width)
     return vllm_engine.engine_record(settings), settings
 
 
 @dataclasses.dataclass
 class _Teacher:
     """A loaded teacher, whatever the engine: its config, vocabulary size and `topk(sequences, positions,
-    on_batch, k) -> (ids, logprobs)` for one unit (first_kd.engines' contract)."""
+    on_batch, k) -> (ids, logprobs)` for one unit (first_kd.engines' contract); the hf engine's also takes
+    draw_seed=S for a sampled unit, returning (ids, logprobs, counts)."""
 
     config: object
     vocab_size: int
@@ -268,8 +308,9 @@ def _open_teacher(cfg: CacheConfig, state, dtype, pad_id: int, settings: Optiona
     model = load_model(cfg.teacher, dtype, state.device, cfg.revision, cfg.trust_remote_code, cfg.device_map)
     device = None if cfg.device_map != "none" else state.device  # spread: inputs go where the embeddings are
     yield _Teacher(model.config, model.get_output_embeddings().weight.shape[0],
-                   lambda seqs, pos, on_batch, k: unit_topk(model, seqs, pos, k, cfg.batch_size, pad_id,
-                                                            device=device, on_batch=on_batch))
+                   lambda seqs, pos, on_batch, k, draw_seed=None: unit_topk(
+                       model, seqs, pos, k, cfg.batch_size, pad_id, device=device, on_batch=on_batch,
+                       draw_seed=draw_seed))
 
 
 def _main_then_share(state, fn):
@@ -349,8 +390,8 @@ def _run_units(cfg: CacheConfig, state, teacher: _Teacher, group) -> None:
         state.wait_for_everyone()
     mine = pending[state.process_index:: state.num_processes]
     total_rows = sum(np.subtract(*topk_store.unit_rows(group, u)[::-1]) for u in mine)
-    bar = tqdm(total=int(total_rows), unit="pos", desc=f"teacher top-{cfg.k}", disable=not state.is_local_main_process,
-               dynamic_ncols=True)
+    bar = tqdm(total=int(total_rows), unit="pos", desc=f"teacher {topk_store.describe_selection(cfg.selection())}",
+               disable=not state.is_local_main_process, dynamic_ncols=True)
     tokens_seen, started = 0, time.perf_counter()
 
     def progress(n_rows: int, n_tokens: int) -> None:
@@ -361,11 +402,26 @@ def _run_units(cfg: CacheConfig, state, teacher: _Teacher, group) -> None:
 
     for unit in mine:
         sequences, positions = topk_store.unit_sequences(group, unit, seq_offsets, pos_offsets)
-        unit_ids, unit_lp = teacher.topk(sequences, positions, progress, cfg.k)
+        rows = _selected_rows(cfg, teacher, unit, sequences, positions, progress)
         crash_point(f"unit-computed:{unit}")
-        topk_store.write_unit(group, unit, unit_ids, unit_lp, crash_hook=crash_point)
+        topk_store.write_unit(group, unit, rows[0], rows[1], crash_hook=crash_point,
+                              sample_counts=rows[2] if len(rows) > 2 else None)
         crash_point(f"unit-done:{unit}")
     bar.close()
+
+
+def _selected_rows(cfg: CacheConfig, teacher: _Teacher, unit: int, sequences, positions, progress) -> tuple:
+    """One unit's rows as the store's selection wants them: (ids, logprobs) with -inf at padding, and the
+    counts of a sampled unit. A top-p row is cut from the engine's fp32 top-k (first_kd.coverage.top_p_counts),
+    so it works on every engine; draws come from a generator seeded by (--sample-seed, unit)."""
+    if cfg.sample is not None:
+        seed = int(np.random.SeedSequence([cfg.sample_seed, unit]).generate_state(1)[0])
+        return teacher.topk(sequences, positions, progress, cfg.sample, draw_seed=seed)
+    ids, logprobs = teacher.topk(sequences, positions, progress, cfg.k)
+    if cfg.top_p is not None:
+        keep = coverage.top_p_counts(logprobs, cfg.top_p)
+        logprobs = np.where(np.arange(cfg.k)[None, :] < keep[:, None], logprobs, -np.inf).astype(np.float32)
+    return ids, logprobs
 
 
 def _finish(cfg: CacheConfig, state, group, teacher: _Teacher) -> None:
@@ -381,29 +437,19 @@ def _finish(cfg: CacheConfig, state, group, teacher: _Teacher) -> None:
             raise FirstKDError(f"{len(still)} unit(s) of {cfg.out} were not written (a process failed?): re-run "
                                "the same command to finish them")
         extra = {"finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "max_token_id": _max_token_id(group), "coverage": topk_store.coverage_summary(group)}
+                 "max_token_id": topk_store.max_token_id(group), "coverage": topk_store.coverage_summary(group)}
         if cfg.probe_k is not None:
             extra["coverage_probe"] = _probe(cfg, teacher, group)
         topk_store.mark_complete(group, extra)
         summary = topk_store.verify(cfg.out)
         print(f"first-kd cache: wrote {cfg.out}: {summary['n_sequences']:,} sequences, "
               f"{summary['n_positions']:,} target positions, {summary['bytes_per_position']:.2f} bytes/position, "
-              f"mean top-{cfg.k} mass {summary['mean_topk_mass']:.4f} (p10 {summary['topk_mass_p10']:.4f})")
+              f"mean {topk_store.describe_selection(cfg.selection())} mass {summary['mean_topk_mass']:.4f} (p10 "
+              f"{summary['topk_mass_p10']:.4f}), {summary['mean_ids_per_position']:.2f} ids/position")
         if cfg.probe_k is not None:
             _say_probe(cfg, extra["coverage_probe"])
     if state.num_processes > 1:
         state.wait_for_everyone()
-
-
-def _max_token_id(group) -> int:
-    """Largest id a student must be able to output (cached top-k ids and target tokens)."""
-    top = 0
-    for name in ("input_ids", "topk_ids"):
-        arr = group[name]
-        step = arr.chunks[0]
-        for lo in range(0, arr.shape[0], step):
-            top = max(top, int(arr[lo: lo + step].max()))
-    return top
 
 
 # ----------------------------------------------------------------------------------------------

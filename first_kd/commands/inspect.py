@@ -21,7 +21,7 @@ from typing import Optional
 from first_kd import coverage
 from first_kd.config import option
 from first_kd.errors import FirstKDError
-from first_kd.store import DamagedStore, resume_hint, verify
+from first_kd.store import DamagedStore, describe_selection, resume_hint, verify
 
 
 @dataclasses.dataclass
@@ -68,7 +68,8 @@ def summary_text(summary: dict, target: float = coverage.DEFAULT_TARGET) -> str:
         f"teacher    {teacher.get('name')} (dtype {teacher.get('dtype')}, engine {engine_text})",
         f"data       {summary['n_sequences']:,} sequences, {summary['n_tokens']:,} tokens, "
         f"{summary['n_positions']:,} target positions ({(summary.get('data') or {}).get('format')})",
-        f"top-k      k={summary['k']}, vocab {summary['vocab_size']:,}",
+        f"rows       {describe_selection(summary['selection'])}: {summary['mean_ids_per_position']:.2f} ids/position "
+        f"(width {summary['k']}), vocab {summary['vocab_size']:,}",
         f"disk       {summary['bytes_on_disk'] / 1e6:.2f} MB; {summary['bytes_per_position']:.2f} bytes/position "
         f"(top-k), {summary['bytes_per_position_total']:.2f} with inputs",
     ]
