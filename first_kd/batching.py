@@ -64,7 +64,9 @@ def collate(examples: list[dict], pad_id: int, use_teacher: bool, teacher=None) 
         rows [N] long: index into the flattened [B * S] hidden states of each target position,
         targets [N] long: the token each target position must predict,
         first_row [B] long: the row of each sequence's first target (the answer of a multiple-choice item),
-        teacher_ids [N, k] long and teacher_probs [N, k'] float32 when use_teacher, else None,
+        teacher_ids [N, k] long and teacher_probs [N, k'] float32 when use_teacher, else None; for the
+            examples of a sampled store (which carry sample_counts) instead teacher_counts [N, k] long and
+            teacher_logprobs [N, k] float32 (the draws' counts and log-probs; teacher_probs None),
         answer_index [B], n_choices [B] long, n_tokens: int (non-pad tokens).
     """
     input_ids, attention_mask = pad_right([e["input_ids"] for e in examples], pad_id)
@@ -91,7 +93,11 @@ def collate(examples: list[dict], pad_id: int, use_teacher: bool, teacher=None) 
     }
     if use_teacher:
         batch["teacher_ids"] = torch.cat([torch.as_tensor(e["topk_ids"], dtype=torch.long) for e in examples])
-        if teacher is not None:
+        if "sample_counts" in examples[0]:
+            batch["teacher_counts"] = torch.cat([torch.as_tensor(e["sample_counts"], dtype=torch.long) for e in examples])
+            batch["teacher_logprobs"] = torch.cat([torch.as_tensor(e["topk_logprobs"], dtype=torch.float32)
+                                                   for e in examples])
+        elif teacher is not None:
             batch["teacher_probs"] = teacher(torch.cat([torch.as_tensor(e["topk_logprobs"], dtype=torch.float32)
                                                         for e in examples]))
         else:

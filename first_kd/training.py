@@ -34,7 +34,8 @@ import torch
 from first_kd.adapters import is_peft, trainable_state
 from first_kd.batching import collate
 from first_kd.errors import FirstKDError
-from first_kd.losses import LOGIT_NORM, StudentNorm, chunked_distillation_loss, distillation_loss
+from first_kd.losses import (IGNORE_INDEX, LOGIT_NORM, StudentNorm, chunked_distillation_loss, chunked_sampled_kd_loss,
+                             distillation_loss, sampled_kd_loss)
 from first_kd.metrics import MODEL_SUMMARY_KEYS, CalibrationAccumulator
 from first_kd.models import last_hidden_states
 from first_kd.outputs import fsync_dir
@@ -82,7 +83,7 @@ class StoreExamples:
 
     def __getitem__(self, i: int) -> dict:
         rec = self.store.read(int(i))
-        return {
+        example = {
             "input_ids": rec["input_ids"],
             "target_positions": rec["target_positions"],
             "topk_ids": rec["topk_ids"],
@@ -90,6 +91,9 @@ class StoreExamples:
             "answer_index": int(rec.get("answer_index", -1)),
             "n_choices": int(rec.get("n_choices", 0)),
         }
+        if "sample_counts" in rec:  # a sampled store: first_kd.training.sampled_loss
+            example["sample_counts"] = rec["sample_counts"]
+        return example
 
     def example(self, i: int, epoch: int) -> dict:
         """Example i as read in `epoch`: a store's sequences are fixed, so `self[i]`."""
@@ -191,6 +195,17 @@ def target_hidden(model, batch: dict) -> torch.Tensor:
     return hidden.flatten(0, 1).index_select(0, batch["rows"])
 
 
+def sampled_terms(batch: dict, rows: slice = slice(None)) -> dict:
+    """The sampled-loss arguments of a batch from a sampled store (rows `rows`): the teacher's own draws at
+    temperature 1 are both the target and the proposal, so every importance weight is exactly 1 and the loss
+    is the count-weighted CE minus the draws' estimate of the teacher's entropy (first_kd.losses.sampled_kd_loss).
+    Padding columns (count 0) get log-prob 0 instead of -inf, which they never use."""
+    counts = batch["teacher_counts"][rows]
+    logprobs = batch["teacher_logprobs"][rows].masked_fill(counts == 0, 0.0)
+    return {"sample_ids": batch["teacher_ids"][rows], "sample_counts": counts, "target_logprobs": logprobs,
+            "proposal_logprobs": logprobs, "mask": batch["targets"][rows] != IGNORE_INDEX}
+
+
 class TargetPositionLoss(torch.nn.Module):
     """The student plus its loss as one module, so DDP and accelerate's autocast wrap the whole
     forward (body, gather and loss) rather than only the causal LM's own forward, which we bypass."""
@@ -207,6 +222,15 @@ class TargetPositionLoss(torch.nn.Module):
         """Summed (not averaged) loss over the batch's target positions: a scalar."""
         hidden = target_hidden(self.model, batch)
         head = self.model.get_output_embeddings()
+        if batch.get("teacher_counts") is not None:  # a sampled store: the unbiased RS-KD loss, CE mixed in
+            loss = chunked_sampled_kd_loss(hidden, head.weight, **sampled_terms(batch), chunk_size=self.chunk_size,
+                                           reduction="sum", head_bias=getattr(head, "bias", None))
+            if self.alpha == 0.0:
+                return loss
+            ce = chunked_distillation_loss(hidden, head.weight, batch["targets"], label_smoothing=self.label_smoothing,
+                                           chunk_size=self.chunk_size, reduction="sum",
+                                           head_bias=getattr(head, "bias", None))
+            return (1.0 - self.alpha) * loss + self.alpha * ce
         return chunked_distillation_loss(
             hidden, head.weight, batch["targets"],
             teacher_ids=batch["teacher_ids"], teacher_probs=batch["teacher_probs"],
@@ -265,12 +289,17 @@ def validate(model, examples, pad_id: int, *, batch_size: int, chunk_size: int, 
             sl = slice(lo, lo + chunk_size)
             logits = torch.nn.functional.linear(hidden[sl], weight, bias).float()  # [c, V]
             targets = batch["targets"][sl]
-            loss_sum += float(distillation_loss(
-                logits, targets,
-                teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
-                teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
-                alpha=alpha, other_bucket=other_bucket, label_smoothing=label_smoothing, reduction="sum",
-                student_norm=student_norm))
+            if use_teacher and batch.get("teacher_counts") is not None:  # a sampled store: the RS-KD estimate
+                loss_sum += (1.0 - alpha) * float(sampled_kd_loss(logits, **sampled_terms(batch, sl), reduction="sum"))
+                loss_sum += alpha * float(distillation_loss(logits, targets, label_smoothing=label_smoothing,
+                                                            reduction="sum")) if alpha else 0.0
+            else:
+                loss_sum += float(distillation_loss(
+                    logits, targets,
+                    teacher_ids=batch["teacher_ids"][sl] if use_teacher else None,
+                    teacher_probs=batch["teacher_probs"][sl] if use_teacher else None,
+                    alpha=alpha, other_bucket=other_bucket, label_smoothing=label_smoothing, reduction="sum",
+                    student_norm=student_norm))
             ce_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             if not mcqa:
                 probs = torch.softmax(logits, dim=-1)

@@ -475,6 +475,7 @@ def _training_examples(cfg: DistillConfig, tokenizer, model, use_teacher: bool):
     temperature = {}
     if use_teacher or not cfg.data:
         store = _open_store(cfg.store, tokenizer, model)
+        _check_sampled_options(cfg, store)
         temperature = store.temperature if cfg.loss == "first" else {}
         if cfg.loss == "first" and not temperature:
             _warn(f"store {cfg.store} has no temperature record, so --loss first equals --loss kd: run "
@@ -528,9 +529,26 @@ def _validation_examples(cfg: DistillConfig, tokenizer, model, temperature: dict
 def _open_store(path: str, tokenizer, model):
     from first_kd.store import check_tokenizer, open_store
 
-    store = open_store(path)
+    store = open_store(path, sampled_ok=True)
     check_tokenizer(store, tokenizer, model_vocab_size=model.get_output_embeddings().weight.shape[0])
     return store
+
+
+def _check_sampled_options(cfg: DistillConfig, store) -> None:
+    """A sampled store trains toward the teacher itself over the whole vocabulary (first_kd.training.sampled_terms):
+    the options that reshape a top-k (teacher / student normalisations, smoothing) have nothing to act on."""
+    if not store.sampled:
+        return
+    changed = [flag for flag, value, default in (("--teacher-norm", cfg.teacher_norm, "auto"),
+                                                 ("--student-norm", cfg.student_norm, "logit"),
+                                                 ("--teacher-smoothing", cfg.teacher_smoothing, 0.0))
+               if value != default]
+    if changed:
+        raise FirstKDError(f"{', '.join(changed)} reshape a top-k, but {store.path} is a sampled cache (its loss is the "
+                           "full-vocabulary RS-KD estimate): drop them, or train on a top-k / top-p store")
+    if store.temperature:
+        raise FirstKDError(f"{store.path} is a sampled cache with a temperature record, which its loss cannot apply "
+                           "(the draws are from the teacher at temperature 1): use --loss kd")
 
 
 def _data_examples(cfg: DistillConfig, tokenizer, data: str, split: str, limit,
@@ -707,7 +725,7 @@ def _finished_already(out: Path, cfg: DistillConfig) -> int:
     done = json.loads((out / "summary.json").read_text())
     if cfg.loss == "first" and cfg.store:
         try:
-            now = open_store(cfg.store).temperature
+            now = open_store(cfg.store, sampled_ok=True).temperature
         except FirstKDError:  # the store is gone: the finished run stands
             now = None
         then = done.get("temperature") or {}
