@@ -276,3 +276,39 @@ def test_top_k_options_on_a_sampled_store_are_refused(tmp_path, sampled_store, t
                  "--teacher-norm", "linear", "--out", str(tmp_path / "r"), "--max-steps", "1"]) != 0
     err = capsys.readouterr().err.strip()
     assert "--teacher-norm" in err and "sampled cache" in err and len(err.splitlines()) == 1
+
+
+def test_every_top_k_reader_reads_a_top_p_store(tmp_path, teacher_dir, data_file, top_p_store, capsys):
+    """calibrate, evaluate --store and inspect on top-p stores: padded rows work, and a top-p store whose rows are
+    all full (p = 1 is never reached below the cap) gives exactly what the top-k store of the same k does."""
+    val_data = write_jsonl(tmp_path / "val.jsonl", pr_records(20, seed=1))
+    stores = {}
+    for name, extra in (("topk", ["--k", "8"]), ("full", ["--top-p", "1.0", "--k", "8"]),
+                        ("p09", ["--top-p", "0.9", "--k", "8"])):
+        stores[name] = tmp_path / f"train-{name}.zarr"
+        shutil_copy(top_p_store if name == "p09" else None, stores[name])
+        if name != "p09":
+            assert main(cache_args(teacher_dir, data_file, stores[name], *extra)) == 0
+        val = tmp_path / f"val-{name}.zarr"
+        assert main(cache_args(teacher_dir, val_data, val, *extra)) == 0
+        assert main(["calibrate", "--store", str(stores[name]), "--val-store", str(val), "--form", "logit",
+                     "--objective", "ece"]) == 0  # an untrained teacher: few targets in its top-k, so not NLL
+        assert main(["evaluate", "--store", str(stores[name]), "--out", str(tmp_path / f"eval-{name}")]) == 0
+        assert main(["inspect", str(stores[name])]) == 0
+    capsys.readouterr()
+    fits = {name: open_store(path).temperature for name, path in stores.items()}
+    assert fits["full"]["value"] == fits["topk"]["value"] and 0 < fits["p09"]["value"] < 100
+    metrics = {name: json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text()) for name in stores}
+    summary = {name: m.get("summary", m) for name, m in metrics.items()}
+    for key in ("accuracy", "ece", "nll"):
+        assert summary["full"][key] == summary["topk"][key]
+        value = summary["p09"][key]
+        # NLL is over the positions whose target the rows hold: none may, for this untrained teacher (then None)
+        assert (key == "nll" and value is None) or np.isfinite(value)
+
+
+def shutil_copy(src, dst):
+    if src is not None:
+        import shutil
+
+        shutil.copytree(src, dst)
