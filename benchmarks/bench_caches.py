@@ -23,6 +23,8 @@ commands (DIR/commands.sh) and changes only what the comparison is about:
     batch, schedule and seed (the demo's seed);
   * `evaluate` as the demo evaluates that student (calibration: the answer letter's probabilities; reasoning:
     greedy rationales, the answer extracted and its probability).
+  Row `first_top5_T` is the demo's own FIRST student (top-5 store + the calibrated temperature; reasoning: the
+  demo's student_cot) as the demo evaluated it: the temperature's effect beside the cache's.
 N ("the same bytes"): the largest N in 1..255 whose sampled store, cached on the first 200 training records,
 takes no more bytes per position on disk (ids, log-probs, counts, compressed) than the top-5 store of the
 same records. A sampled row costs a slot per *distinct* id, and padding compresses to
@@ -59,6 +61,8 @@ TOPP_CAP = 64
 ROW_KEYS = ("accuracy", "ece", "nll", "brier", "mean_confidence")
 # The demo student each suite compares, and how to find its commands in DIR/commands.sh.
 DEMO_STUDENT = {"calibration": "student_kd", "reasoning": "student_cot"}
+# The demo's own FIRST student (top-5 with the calibrated temperature), reported beside the rows for reference.
+DEMO_FIRST = {"calibration": "student_first", "reasoning": "student_cot"}
 
 
 def selection_args(variant: str, vocab: int, draws: int, seed: int) -> list[str]:
@@ -180,6 +184,11 @@ def run_demo_seed(demo: Path, suite: str, variants: tuple, progress) -> dict:
         row = {**metrics_row(eval_dir), **store_facts(store), "seconds": round(time.perf_counter() - started, 1)}
         result["rows"][variant] = row
         progress(f"{demo.name} {variant}: {row}")
+    first = demo / "eval" / DEMO_FIRST[suite]
+    if (first / "metrics.json").is_file() and "top5" in result["rows"]:
+        # the same top-5 store's bytes: the demo's FIRST student trains on the demo's own top-5 store
+        result["rows"]["first_top5_T"] = {**metrics_row(first), **{k: result["rows"]["top5"][k] for k in
+                                                                 ("bytes_per_position", "ids_per_position", "mean_mass")}}
     return result
 
 
@@ -277,7 +286,8 @@ def main(argv=None) -> int:
         if not args.demo_dir:
             parser.error("--demo-dir is required for the demo suites (one finished `first-kd demo` run per seed)")
         seeds = [run_demo_seed(Path(d), args.suite, variants, progress) for d in args.demo_dir]
-    result = {"suite": args.suite, "variants": list(variants), "table": summarise(seeds, variants), "seeds": seeds,
+    rows = variants + (("first_top5_T",) if args.suite != "text" and "top5" in variants else ())
+    result = {"suite": args.suite, "variants": list(variants), "table": summarise(seeds, rows), "seeds": seeds,
               "total_s": round(time.perf_counter() - started, 1), "loadavg_start": [round(x, 2) for x in load],
               "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     line = json.dumps(result)

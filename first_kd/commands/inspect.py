@@ -97,13 +97,17 @@ def coverage_lines(summary: dict, target: float) -> list[str]:
         return []
     q = cov["quantiles"]
     origin = "" if summary.get("coverage_recorded") else " (measured now: the store predates recorded coverage)"
-    lines = [f"coverage   top-{cov['k']} mass: mean {cov['mean']:.4f}, "
+    selection = summary.get("selection") or {"kind": "top-k", "k": cov["k"]}
+    kept = f"top-{cov['k']}" if selection["kind"] == "top-k" else f"kept ({describe_selection(selection)})"
+    lines = [f"coverage   {kept} mass: mean {cov['mean']:.4f}, "
              + ", ".join(f"{name} {value:.4f}" for name, value in q.items()) + f", min {cov['min']:.4f}{origin}"]
     if probe:
         shown = sorted({1, cov["k"], probe["k"]} | {j for j in (2, 10, 20, 50, 100, 200, 500) if j < probe["k"]})
         lines.append(f"probe      top-j mass on {probe['n_positions']:,} positions ({probe['n_sequences']:,} sequences), "
                      "mean (p10): " + ", ".join(f"j={j} {probe['mean'][j - 1]:.4f} ({probe['quantiles']['p10'][j - 1]:.4f})"
                                                 for j in shown))
+    if selection["kind"] == "sampled":  # a sample's mass is not a choice of k
+        return lines
     verdict = coverage.coverage_verdict(cov, probe, target)
     lines.append(f"suggest    {suggestion_text(verdict, summary)}")
     return lines
