@@ -98,6 +98,25 @@ def test_vllm_store_matches_hf_and_feeds_the_other_commands(world, name):
     assert np.array_equal(arrays(out)["topk_ids"], vl["topk_ids"])
 
 
+def test_vllm_top_p_store_matches_hf(world):
+    """A top-p row is cut from the engine's own top-k, so vLLM writes the hf engine's top-p store (up to rows whose
+    prefix mass sits within float noise of p)."""
+    stores = {}
+    for engine in ("hf", "vllm"):
+        stores[engine] = world["root"] / f"topp-{engine}.zarr"
+        # this teacher is flat (top-1 ~0.03): p = 0.1 keeps a few ids per row
+        args = cache_args(world, "pr", stores[engine]) + ["--top-p", "0.1", "--k", "8"]
+        result = run_cli([a for a in args if engine == "vllm" or a not in ENGINE], env=IN_PROCESS)
+        assert result.returncode == 0, result.stderr[-3000:]
+    hf, vl = arrays(stores["hf"]), arrays(stores["vllm"])
+    assert 1 < np.isfinite(hf["topk_logprobs"]).sum(1).mean() < 8  # rows of several lengths: not a vacuous check
+    kept = [np.sort(np.where(np.isfinite(s["topk_logprobs"]), s["topk_ids"].astype(np.int64), -1), axis=1)
+            for s in (hf, vl)]
+    same_set = (kept[0] == kept[1]).all(axis=1)  # the same ids kept (so the same count)
+    assert same_set.mean() >= 0.99, same_set.mean()
+    assert run_cli(["inspect", str(stores["vllm"])]).returncode == 0
+
+
 def group_gone(pgid: int, seconds: float = 20.0) -> bool:
     deadline = time.time() + seconds
     while time.time() < deadline:
