@@ -22,7 +22,8 @@ commands (DIR/commands.sh) and changes only what the comparison is about:
     applies the same way on top of any top-k or top-p store) on that store, no validation, same steps, lr,
     batch, schedule and seed (the demo's seed);
   * `evaluate` as the demo evaluates that student (calibration: the answer letter's probabilities; reasoning:
-    greedy rationales, the answer extracted and its probability).
+    greedy rationales, the answer extracted and its probability); for reasoning also token-level accuracy, ECE
+    and NLL on the exact traces of the demo's 300 val problems (`token_*`), since a greedy answer has no NLL.
   Row `first_top5_T` is the demo's own FIRST student (top-5 store + the calibrated temperature; reasoning: the
   demo's student_cot) as the demo evaluated it: the temperature's effect beside the cache's.
 N ("the same bytes"): the largest N in 1..255 whose sampled store, cached on the first 200 training records,
@@ -59,6 +60,7 @@ MAX_DRAWS = 255
 LADDER_RECORDS = 200
 TOPP_CAP = 64
 ROW_KEYS = ("accuracy", "ece", "nll", "brier", "mean_confidence")
+TOKEN_KEYS = ("token_accuracy", "token_ece", "token_nll")  # reasoning: the gold traces scored token by token
 # The demo student each suite compares, and how to find its commands in DIR/commands.sh.
 DEMO_STUDENT = {"calibration": "student_kd", "reasoning": "student_cot"}
 # The demo's own FIRST student (top-5 with the calibrated temperature), reported beside the rows for reference.
@@ -85,8 +87,9 @@ def without_selection(argv: list[str]) -> list[str]:
     return argv
 
 
-def demo_commands(demo: Path, student: str) -> dict:
-    """The demo's train-store `cache`, its `student` distill and that student's `evaluate`, as argv lists."""
+def demo_commands(demo: Path, student: str, first: str) -> dict:
+    """The demo's train-store `cache`, its `student` distill and that student's `evaluate`, and the `evaluate` of
+    its FIRST student `first`, as argv lists."""
     found = {}
     for line in (demo / "commands.sh").read_text().splitlines():
         if not line.startswith("first-kd "):
@@ -99,7 +102,9 @@ def demo_commands(demo: Path, student: str) -> dict:
             found["distill"] = argv
         elif argv[0] == "evaluate" and argv[argv.index("--label") + 1] == student:
             found["evaluate"] = argv
-    missing = {"cache", "distill", "evaluate"} - set(found)
+        if argv[0] == "evaluate" and argv[argv.index("--label") + 1] == first:
+            found["evaluate_first"] = argv
+    missing = {"cache", "distill", "evaluate", "evaluate_first"} - set(found)
     if missing:
         raise SystemExit(f"bench_caches: {demo}/commands.sh lacks the {', '.join(sorted(missing))} command(s) of a "
                          f"finished demo: run `first-kd demo` there first")
@@ -154,13 +159,23 @@ def metrics_row(eval_dir: Path) -> dict:
     return {k: summary[k] for k in ROW_KEYS if k in summary}
 
 
+def token_metrics(demo: Path, model, out: Path) -> dict:
+    """The model on the exact traces of the demo's val problems (held out: the demo logs validation on them,
+    selects nothing), token by token over the full vocabulary (top-1 accuracy, ECE, NLL): how well it predicts
+    a correct rationale, where its greedy answers only say whether it writes one."""
+    run_cli("evaluate", ["--model", str(model), "--data", str(demo / "data" / "val.jsonl"), "--out", str(out),
+                         "--label", out.name])
+    row = metrics_row(out)
+    return {f"token_{k}": row[k] for k in ("accuracy", "ece", "nll") if k in row}
+
+
 def teacher_vocab(teacher: Path) -> int:
     return int(json.loads((teacher / "config.json").read_text())["vocab_size"])
 
 
 def run_demo_seed(demo: Path, suite: str, variants: tuple, progress) -> dict:
     """Every variant's store, student and evaluation for one finished demo directory."""
-    cmds = demo_commands(demo, DEMO_STUDENT[suite])
+    cmds = demo_commands(demo, DEMO_STUDENT[suite], DEMO_FIRST[suite])
     seed = int(cmds["distill"][cmds["distill"].index("--seed") + 1])
     work = demo / "caches"
     work.mkdir(exist_ok=True)
@@ -182,13 +197,21 @@ def run_demo_seed(demo: Path, suite: str, variants: tuple, progress) -> dict:
         evaluate = replace_option(replace_option(cmds["evaluate"], "--model", run_dir / "model"), "--out", eval_dir)
         run_cli("evaluate", replace_option(evaluate, "--label", f"{variant}-s{seed}")[1:])
         row = {**metrics_row(eval_dir), **store_facts(store), "seconds": round(time.perf_counter() - started, 1)}
+        if suite == "reasoning":
+            row.update(token_metrics(demo, run_dir / "model", work / f"eval-tokens-{variant}"))
         result["rows"][variant] = row
         progress(f"{demo.name} {variant}: {row}")
-    first = demo / "eval" / DEMO_FIRST[suite]
-    if (first / "metrics.json").is_file() and "top5" in result["rows"]:
+    # The demo's FIRST student, evaluated by the demo's own command (a no-op when the demo got that far).
+    run_cli("evaluate", cmds["evaluate_first"][1:])
+    first = Path(cmds["evaluate_first"][cmds["evaluate_first"].index("--out") + 1])
+    if "top5" in result["rows"] and suite == "reasoning":
+        model = cmds["evaluate_first"][cmds["evaluate_first"].index("--model") + 1]
+        result["first_tokens"] = token_metrics(demo, model, work / "eval-tokens-first")
+    if "top5" in result["rows"]:
         # the same top-5 store's bytes: the demo's FIRST student trains on the demo's own top-5 store
         result["rows"]["first_top5_T"] = {**metrics_row(first), **{k: result["rows"]["top5"][k] for k in
-                                                                 ("bytes_per_position", "ids_per_position", "mean_mass")}}
+                                                                 ("bytes_per_position", "ids_per_position", "mean_mass")},
+                                            **result.get("first_tokens", {})}
     return result
 
 
@@ -253,8 +276,8 @@ def summarise(seeds: list[dict], variants: tuple) -> dict:
         rows = [s["rows"][variant] for s in seeds if variant in s["rows"]]
         table[variant] = {key: {"mean": round(statistics.fmean(r[key] for r in rows), 4),
                                 "per_seed": [r[key] for r in rows]}
-                          for key in (*ROW_KEYS, "bytes_per_position", "ids_per_position", "mean_mass")
-                          if rows and all(key in r for r in rows)}
+                          for key in (*ROW_KEYS, *TOKEN_KEYS, "bytes_per_position", "ids_per_position", "mean_mass")
+                          if rows and all(isinstance(r.get(key), (int, float)) for r in rows)}
     return table
 
 
