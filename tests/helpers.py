@@ -83,6 +83,13 @@ def write_jsonl(path, records) -> Path:
     return path
 
 
+def small_cache_args(teacher, data, out, *extra) -> list[str]:
+    """`first-kd cache` argv for a tiny teacher: 64-row units (so a few units to kill and resume) and 3 sequences
+    per forward."""
+    return ["cache", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--chunk-positions", "64",
+            "--batch-size", "3", *extra]
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 

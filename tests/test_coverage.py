@@ -20,7 +20,7 @@ from first_kd import coverage as C
 from first_kd import store as S
 from first_kd.cli import main
 
-from helpers import build_peaked_model, is_png, pr_records, run_cli, write_jsonl
+from helpers import build_peaked_model, is_png, pr_records, run_cli, small_cache_args, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -241,22 +241,17 @@ def data_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "pr.jsonl", pr_records(30))
 
 
-def cache_args(teacher, data, out, *extra):
-    return ["cache", "--teacher", teacher, "--data", str(data), "--out", str(out), "--chunk-positions", "64",
-            "--batch-size", "3", *extra]
-
-
 @pytest.fixture(scope="module")
 def plain_store(tmp_path_factory, teacher_dir, data_file):
     out = tmp_path_factory.mktemp("plain") / "s.zarr"
-    assert main(cache_args(teacher_dir, data_file, out)) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out)) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def probed_store(tmp_path_factory, teacher_dir, data_file):
     out = tmp_path_factory.mktemp("probed") / "s.zarr"
-    assert main(cache_args(teacher_dir, data_file, out, *PROBE)) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out, *PROBE)) == 0
     return out
 
 
@@ -316,7 +311,7 @@ def test_probe_curve_equals_a_plain_full_forward(probed_store, teacher_dir):
 @pytest.mark.parametrize("crash_at", ["unit-rows:1", "before-complete"])
 def test_resume_after_kill_records_the_same_coverage(tmp_path, teacher_dir, data_file, probed_store, crash_at):
     out = tmp_path / "s.zarr"
-    args = cache_args(teacher_dir, data_file, out, *PROBE)
+    args = small_cache_args(teacher_dir, data_file, out, *PROBE)
     killed = run_cli(args, env={"FIRST_KD_CRASH_AT": crash_at})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_cli(args)
@@ -335,7 +330,7 @@ def test_probe_alone_on_a_complete_store(tmp_path, plain_store, probed_store, te
     shutil.copytree(plain_store, out)
     S.update_attrs(out, {}, remove=("coverage",))  # as written before coverage was recorded
     before = arrays(out), attributes(out)
-    assert main(cache_args(teacher_dir, data_file, out, *PROBE)) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out, *PROBE)) == 0
     assert "probing the teacher's top-24 mass on 60 positions" in capsys.readouterr().out
     after = attributes(out)
     assert after.pop("coverage_probe") == attributes(probed_store)["coverage_probe"]
@@ -350,8 +345,8 @@ def test_probe_alone_on_a_complete_store(tmp_path, plain_store, probed_store, te
         raise AssertionError("the teacher was loaded for a no-op")
 
     monkeypatch.setattr(cache_module, "load_model", no_teacher)
-    assert main(cache_args(teacher_dir, data_file, out, *PROBE)) == 0
-    assert main(cache_args(teacher_dir, data_file, out)) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out, *PROBE)) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out)) == 0
     assert "nothing to do" in capsys.readouterr().err
     assert (out / "zarr.json").read_bytes() == meta
 
@@ -365,12 +360,12 @@ def test_bad_probe_options_are_one_line_and_leave_the_store(tmp_path, plain_stor
              (("--probe-k", "16", "--engine", "vllm"), "hf engine only"),
              (("--probe-k", "1000"), "larger than the teacher's vocabulary"))
     for extra, needle in cases:
-        assert main(cache_args(teacher_dir, data_file, out, *extra)) == 2, extra
+        assert main(small_cache_args(teacher_dir, data_file, out, *extra)) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
     assert (out / "zarr.json").read_bytes() == meta
     # a fresh pass with a --probe-k above the vocabulary stops before writing anything
-    assert main(cache_args(teacher_dir, data_file, tmp_path / "new.zarr", "--probe-k", "1000")) == 2
+    assert main(small_cache_args(teacher_dir, data_file, tmp_path / "new.zarr", "--probe-k", "1000")) == 2
     assert "vocabulary" in capsys.readouterr().err and not (tmp_path / "new.zarr").exists()
 
 

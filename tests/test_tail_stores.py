@@ -16,7 +16,7 @@ from first_kd.cli import main
 from first_kd.errors import FirstKDError
 from first_kd.store import DamagedStore, PAD_ID, open_store, verify
 
-from helpers import build_peaked_model, pr_records, run_cli, write_jsonl
+from helpers import build_peaked_model, pr_records, run_cli, small_cache_args, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,6 @@ def teacher_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "pr.jsonl", pr_records(30))
-
-
-def cache_args(teacher, data, out, *extra):
-    return ["cache", "--teacher", teacher, "--data", str(data), "--out", str(out), "--chunk-positions", "64",
-            "--batch-size", "3", *extra]
 
 
 def full_logprobs(teacher_dir, rec):
@@ -62,14 +57,14 @@ def assert_same_arrays(a, b):
 @pytest.fixture(scope="module")
 def top_p_store(tmp_path_factory, teacher_dir, data_file):
     out = tmp_path_factory.mktemp("tp") / "tp.zarr"
-    assert main(cache_args(teacher_dir, data_file, out, "--top-p", "0.9", "--k", "8")) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out, "--top-p", "0.9", "--k", "8")) == 0
     return out
 
 
 @pytest.fixture(scope="module")
 def sampled_store(tmp_path_factory, teacher_dir, data_file):
     out = tmp_path_factory.mktemp("sp") / "sp.zarr"
-    assert main(cache_args(teacher_dir, data_file, out, "--sample", "16", "--sample-seed", "3")) == 0
+    assert main(small_cache_args(teacher_dir, data_file, out, "--sample", "16", "--sample-seed", "3")) == 0
     return out
 
 
@@ -126,7 +121,7 @@ def test_sampled_draws_follow_the_teacher(tmp_path, teacher_dir, tiny_tokenizer)
     """Many draws at one position: the share of each id is its teacher probability (within 5 standard errors)."""
     data = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "prompt": "the cat", "response": "sat"}])
     out = tmp_path / "s.zarr"
-    assert main(cache_args(teacher_dir, data, out, "--sample", "255")) == 0
+    assert main(small_cache_args(teacher_dir, data, out, "--sample", "255")) == 0
     rec = open_store(out, sampled_ok=True).read(0)
     full = full_logprobs(teacher_dir, rec)[0].exp()
     real = rec["topk_ids"][0] != PAD_ID
@@ -137,17 +132,17 @@ def test_sampled_draws_follow_the_teacher(tmp_path, teacher_dir, tiny_tokenizer)
 
 def test_same_seed_same_draws_other_seed_other_draws(tmp_path, teacher_dir, data_file, sampled_store):
     again = tmp_path / "again.zarr"
-    assert main(cache_args(teacher_dir, data_file, again, "--sample", "16", "--sample-seed", "3")) == 0
+    assert main(small_cache_args(teacher_dir, data_file, again, "--sample", "16", "--sample-seed", "3")) == 0
     assert_same_arrays(again, sampled_store)
     other = tmp_path / "other.zarr"
-    assert main(cache_args(teacher_dir, data_file, other, "--sample", "16", "--sample-seed", "4")) == 0
+    assert main(small_cache_args(teacher_dir, data_file, other, "--sample", "16", "--sample-seed", "4")) == 0
     assert not np.array_equal(arrays(other)["sample_counts"], arrays(sampled_store)["sample_counts"])
 
 
 @pytest.mark.parametrize("kind", ["top-p", "sampled"])
 def test_resume_after_kill_equals_uninterrupted(tmp_path, teacher_dir, data_file, top_p_store, sampled_store, kind):
     extra = ["--top-p", "0.9", "--k", "8"] if kind == "top-p" else ["--sample", "16", "--sample-seed", "3"]
-    args = cache_args(teacher_dir, data_file, tmp_path / "s.zarr", *extra)
+    args = small_cache_args(teacher_dir, data_file, tmp_path / "s.zarr", *extra)
     killed = run_cli(args, env={"FIRST_KD_CRASH_AT": "unit-rows:1"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     resumed = run_cli(args)
@@ -155,7 +150,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, teacher_dir, data_file
     assert_same_arrays(tmp_path / "s.zarr", top_p_store if kind == "top-p" else sampled_store)
     # the same command again is a no-op; another selection on the finished store is refused, naming it
     assert run_cli(args).returncode == 0
-    other = run_cli(cache_args(teacher_dir, data_file, tmp_path / "s.zarr", "--k", "8"))
+    other = run_cli(small_cache_args(teacher_dir, data_file, tmp_path / "s.zarr", "--k", "8"))
     assert other.returncode != 0 and "selection" in other.stderr and "--overwrite" in other.stderr
 
 
@@ -196,7 +191,7 @@ def test_bad_selection_options_are_one_line(tmp_path, teacher_dir, data_file, ca
     for extra, message in [(["--top-p", "1.5"], "--top-p must be in"), (["--sample", "300"], "--sample must be"),
                            (["--top-p", "0.9", "--sample", "4"], "choose one"),
                            (["--sample", "4", "--engine", "vllm"], "hf engine only")]:
-        assert main(cache_args(teacher_dir, data_file, tmp_path / "x.zarr", *extra)) != 0
+        assert main(small_cache_args(teacher_dir, data_file, tmp_path / "x.zarr", *extra)) != 0
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.zarr").exists()
@@ -288,9 +283,9 @@ def test_every_top_k_reader_reads_a_top_p_store(tmp_path, teacher_dir, data_file
         stores[name] = tmp_path / f"train-{name}.zarr"
         shutil_copy(top_p_store if name == "p09" else None, stores[name])
         if name != "p09":
-            assert main(cache_args(teacher_dir, data_file, stores[name], *extra)) == 0
+            assert main(small_cache_args(teacher_dir, data_file, stores[name], *extra)) == 0
         val = tmp_path / f"val-{name}.zarr"
-        assert main(cache_args(teacher_dir, val_data, val, *extra)) == 0
+        assert main(small_cache_args(teacher_dir, val_data, val, *extra)) == 0
         assert main(["calibrate", "--store", str(stores[name]), "--val-store", str(val), "--form", "logit",
                      "--objective", "ece"]) == 0  # an untrained teacher: few targets in its top-k, so not NLL
         assert main(["evaluate", "--store", str(stores[name]), "--out", str(tmp_path / f"eval-{name}")]) == 0
