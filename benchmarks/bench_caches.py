@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tail import FULL, QUICK, RESULTS, run_cli, write_data  # noqa: E402
 
 VARIANTS = ("top5", "topp", "sampled", "full")
+PAPER_DRAWS = 12  # variant sampled12: the draws per position of Anshumann et al. (2025), whatever it costs here
 MAX_DRAWS = 255
 LADDER_RECORDS = 200
 TOPP_CAP = 64
@@ -69,7 +70,8 @@ DEMO_FIRST = {"calibration": "student_first", "reasoning": "student_cot"}
 
 def selection_args(variant: str, vocab: int, draws: int, seed: int) -> list[str]:
     return {"top5": ["--k", "5"], "topp": ["--top-p", "0.95", "--k", str(TOPP_CAP)],
-            "sampled": ["--sample", str(draws), "--sample-seed", str(seed)], "full": ["--k", str(vocab)]}[variant]
+            "sampled": ["--sample", str(draws), "--sample-seed", str(seed)],
+            "sampled12": ["--sample", str(PAPER_DRAWS), "--sample-seed", str(seed)], "full": ["--k", str(vocab)]}[variant]
 
 
 def replace_option(argv: list[str], flag: str, value) -> list[str]:
@@ -124,7 +126,9 @@ def choose_draws(cache_argv: list[str], work: Path, seed: int) -> dict:
     """N for `sampled`: the largest N in 1..255 whose sampled store of the first LADDER_RECORDS records costs no
     more bytes per position on disk than their top-5 store (bisection: the cost grows with N)."""
     base = replace_option(without_selection(cache_argv), "--limit", LADDER_RECORDS)
-    probe = work / "ladder"
+    probe, record = work / "ladder", work / f"ladder-s{seed}.json"
+    if record.is_file():  # chosen by an earlier run of this work folder
+        return json.loads(record.read_text())
     tried = {}
 
     def cost(args, name):
@@ -147,7 +151,9 @@ def choose_draws(cache_argv: list[str], work: Path, seed: int) -> dict:
         else:
             hi = mid - 1
     shutil.rmtree(probe, ignore_errors=True)
-    return {"draws": lo, "top5_bytes": budget, "probed_bytes": dict(sorted(tried.items()))}
+    chosen = {"draws": lo, "top5_bytes": budget, "probed_bytes": dict(sorted(tried.items()))}
+    record.write_text(json.dumps(chosen) + "\n")
+    return chosen
 
 
 def metrics_row(eval_dir: Path) -> dict:
@@ -237,7 +243,7 @@ def run_text_seed(work: Path, cfg: dict, seed: int, variants: tuple, progress) -
         started = time.perf_counter()
         draws = (result["sampled_choice"] or {}).get("draws", 0)
         # top-5 and top-p stores do not depend on the seed: cached once
-        store = work / (f"distill-{variant}-s{seed}.zarr" if variant == "sampled" else f"distill-{variant}.zarr")
+        store = work / (f"distill-{variant}-s{seed}.zarr" if variant.startswith("sampled") else f"distill-{variant}.zarr")
         run_cli("cache", replace_option(cache, "--out", store)[1:] + selection_args(variant, 0, draws, seed))
         run_dir, eval_dir = work / "runs" / f"{variant}-s{seed}", work / "eval" / f"{variant}-s{seed}"
         run_cli("distill", ["--store", str(store), "--loss", "kd", "--student", str(init), "--max-steps",
