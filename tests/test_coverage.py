@@ -93,7 +93,7 @@ def test_quantiles_and_histogram_on_constructed_masses():
     with pytest.raises(ValueError, match="NaN or"):
         C.topk_mass_summary(np.array([[np.nan]]))
     # -inf is a padding column of a variable-k row: probability 0
-    padded = C.topk_mass_summary(np.log([[0.5, 0.25], [0.9, 0.0]]))
+    padded = C.topk_mass_summary(np.array([[np.log(0.5), np.log(0.25)], [np.log(0.9), -np.inf]]))
     assert padded["mean"] == pytest.approx(0.825) and padded["min"] == pytest.approx(0.75)
 
 
