@@ -91,7 +91,7 @@ class StoreExamples:
             "answer_index": int(rec.get("answer_index", -1)),
             "n_choices": int(rec.get("n_choices", 0)),
         }
-        if "sample_counts" in rec:  # a sampled store: first_kd.training.sampled_loss
+        if "sample_counts" in rec:  # a sampled store: its loss is built by `sampled_terms`
             example["sample_counts"] = rec["sample_counts"]
         return example
 

@@ -232,6 +232,10 @@ def test_training_loss_on_a_sampled_store_is_the_count_weighted_estimate(sampled
         want += float((c / 16 * (lp - logq[row, ids])).sum())  # every weight c p / (n q) with q = p
     got = TargetPositionLoss(model, 0.0, True, 0.0, chunk_size=7)(batch)
     assert float(got.detach()) == pytest.approx(want, rel=1e-6, abs=1e-6)
+    # --alpha mixes the targets' CE in: (1 - alpha) * estimate + alpha * CE
+    ce = float(-logq.gather(1, batch["targets"][:, None]).sum())
+    mixed = TargetPositionLoss(model, 0.25, True, 0.0, chunk_size=7)(batch)
+    assert float(mixed.detach()) == pytest.approx(0.75 * want + 0.25 * ce, rel=1e-6, abs=1e-6)
 
 
 def test_training_loss_on_a_top_p_store_is_the_kl_over_each_rows_own_ids(top_p_store, teacher_dir):
