@@ -355,7 +355,7 @@ def test_bad_probe_options_are_one_line_and_leave_the_store(tmp_path, plain_stor
     out = tmp_path / "s.zarr"
     shutil.copytree(plain_store, out)
     meta = (out / "zarr.json").read_bytes()
-    cases = ((("--probe-k", "5"), "larger than --k"), (("--probe-k", "5000"), "at most 1024"),
+    cases = ((("--probe-k", "5"), "larger than the store's width"), (("--probe-k", "5000"), "at most 1024"),
              (("--probe-k", "16", "--probe-positions", "0"), "--probe-positions"),
              (("--probe-k", "16", "--engine", "vllm"), "hf engine only"),
              (("--probe-k", "1000"), "larger than the teacher's vocabulary"))

@@ -122,7 +122,8 @@ class CacheConfig(ModelOptions, EngineOptions, DataConfig):
                                "--limit 500 --probe-k K --out probe.zarr` and `first-kd inspect probe.zarr`, then "
                                "cache with --engine vllm and the k it suggests")
         if not self.width < self.probe_k <= MAX_PROBE_K:
-            raise FirstKDError(f"--probe-k must be larger than --k ({self.k}) and at most {MAX_PROBE_K} (its curve "
+            raise FirstKDError(f"--probe-k must be larger than the store's width ({self.width}: --k, or --sample's "
+                               f"draws) and at most {MAX_PROBE_K} (its curve "
                                f"is kept in the store's attributes), got {self.probe_k}")
         if self.probe_positions < 1:
             raise FirstKDError(f"--probe-positions must be >= 1, got {self.probe_positions}")
