@@ -720,13 +720,13 @@ def _coverage_disagrees(recorded: Optional[dict], measured: Optional[dict]) -> b
             or not abs(float(recorded.get("mean", -1.0)) - measured["mean"]) <= 1e-9)
 
 
-def check_rows(group: zarr.Group, lo: int, hi: int, selection: dict, vocab: int) -> str:
-    """The first broken invariant of store rows lo..hi of a complete store, or ''. Every kind: real columns first
+def check_rows(group: zarr.Group, lo: int, hi: int, ids: np.ndarray, lp: np.ndarray, selection: dict,
+               vocab: int) -> str:
+    """The first broken invariant of store rows lo..hi of a complete store, or ''. `ids` / `lp` are those rows of
+    topk_ids (as stored) and topk_logprobs (float32), read once by the caller. Every kind: real columns first
     (at least one), ids in range and distinct, log-probs finite, <= 0, decreasing, mass <= 1; padding columns
     id = the dtype's max and log-prob -inf. top-p: a row's top-j mass reaches p, or j = k. sampled: the counts
     of the real columns are >= 1 and sum to n, 0 at padding."""
-    ids = group["topk_ids"][lo:hi]
-    lp = group["topk_logprobs"][lo:hi].astype(np.float32)
     pad = lp == -np.inf
     real = ~pad
     if np.any(np.isnan(lp) | (lp == np.inf)):
@@ -760,14 +760,6 @@ def check_rows(group: zarr.Group, lo: int, hi: int, selection: dict, vocab: int)
         if np.any(draws[pad] != 0) or np.any(draws[real] < 1) or np.any(draws.sum(axis=1) != selection["n"]):
             return f"sample_counts are not >= 1 at the ids, 0 at padding, {selection['n']} per row"
     return ""
-
-
-def _mean_count(group: zarr.Group, n_pos: int) -> float:
-    """Mean real columns per row of a top-p or sampled store."""
-    arr = group["topk_count"]
-    total = sum(int(arr[lo: min(lo + arr.chunks[0], n_pos)].astype(np.int64).sum())
-                for lo in range(0, n_pos, arr.chunks[0]))
-    return total / max(n_pos, 1)
 
 
 def verify(path) -> dict:
@@ -806,6 +798,7 @@ def verify(path) -> dict:
     seq_len_per_pos = np.repeat(lengths, np.diff(pos_off))
     chunk = group["topk_ids"].chunks[0]
     coverage = MassAccumulator()  # the top-k mass of every position, in bounded memory
+    n_ids = 0  # real (non-padding) columns of every row
     try:
         for lo in range(0, n_tok, 1 << 20):
             ids = group["input_ids"][lo: lo + (1 << 20)]
@@ -818,10 +811,12 @@ def verify(path) -> dict:
                 fail(f"target_positions rows {lo}..{hi} point outside their sequences")
             if not complete:
                 continue
-            problem = check_rows(group, lo, hi, selection, vocab)
+            lp = group["topk_logprobs"][lo:hi].astype(np.float32)
+            problem = check_rows(group, lo, hi, group["topk_ids"][lo:hi], lp, selection, vocab)
             if problem:
                 fail(f"rows {lo}..{hi}: {problem}")
-            coverage.add(group["topk_logprobs"][lo:hi])
+            coverage.add(lp)
+            n_ids += int(np.isfinite(lp).sum())
     except DamagedStore:
         raise
     except Exception as e:  # checksum failures of torn chunks land here
@@ -843,7 +838,7 @@ def verify(path) -> dict:
         "n_positions": n_pos,
         "k": k,
         "selection": selection,
-        "mean_ids_per_position": _mean_count(group, n_pos) if complete and selection["kind"] != "top-k" else k,
+        "mean_ids_per_position": n_ids / n_pos if complete and n_pos else k,
         "vocab_size": vocab,
         "bytes_on_disk": disk,
         # the teacher payload per position (chunks of topk_ids, topk_logprobs and, where present, topk_count and
